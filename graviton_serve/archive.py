@@ -1,0 +1,95 @@
+"""Building self-contained .mar archives with torch-model-archiver.
+
+Each archive carries: the model module as its handler (top level, as TorchServe imports it),
+the whole ``handlers`` package beside it (the core the module imports), the weights,
+``metadata.json`` (what the model is and how well it did; TorchServe's customized describe
+returns it), and a model-config.yaml. It needs nothing of this project at serving time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from graviton_serve.paths import HANDLERS_DIR
+
+# TorchServe's own per-model keys; ours live under "handler" (see handlers.core.read_settings).
+TORCHSERVE_MODEL_KEYS = {
+    "minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout",
+    "deviceType", "deviceIds", "parallelType", "parallelLevel", "jobQueueSize", "maxRetryTimeoutInSec",
+    "retryTimeoutInSec", "useJobTicket", "continuousBatching", "handler",
+}
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    name: str  # the served model name
+    handler_module: str  # a module in handlers/, e.g. "mnist"
+    weights: Path  # the serialized file (state dict)
+    model_config: dict  # model-config.yaml content
+    metadata: dict  # metadata.json content
+    extra_files: list[Path] = field(default_factory=list)  # more files for the archive root (tokenizer, config...)
+
+
+def handler_sources() -> list[Path]:
+    return sorted(HANDLERS_DIR.glob("*.py"))
+
+
+def source_digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def validate_model_config(name: str, config: dict) -> None:
+    unknown = sorted(set(config) - TORCHSERVE_MODEL_KEYS)
+    if unknown:
+        raise ValueError(f"model-config for '{name}': unknown key '{unknown[0]}'")
+
+
+def build_archive(spec: ArchiveSpec, export_dir: Path) -> Path:
+    """Build ``<export_dir>/<name>.mar`` from ``spec``; returns its path."""
+    validate_model_config(spec.name, spec.model_config)
+    handler_file = HANDLERS_DIR / f"{spec.handler_module}.py"
+    if not handler_file.exists():
+        raise FileNotFoundError(f"no handler module {handler_file}")
+    export_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"gs-build-{spec.name}-") as work:
+        work_dir = Path(work)
+        extras = work_dir / "extras"
+        shutil.copytree(HANDLERS_DIR, extras / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (extras / "metadata.json").write_text(json.dumps(spec.metadata, indent=2) + "\n")
+        for extra in spec.extra_files:
+            (shutil.copytree if extra.is_dir() else shutil.copy2)(extra, extras / extra.name)
+        config_file = work_dir / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
+        archiver_tmp = work_dir / "tmp"  # the archiver stages in $TMPDIR/<name>: keep builds apart
+        archiver_tmp.mkdir()
+        command = [
+            str(Path(sys.executable).with_name("torch-model-archiver")),
+            "--model-name", spec.name,
+            "--version", "1.0",
+            "--serialized-file", str(spec.weights),
+            "--handler", str(handler_file),
+            "--extra-files", str(extras),
+            "--config-file", str(config_file),
+            "--export-path", str(export_dir),
+            "--force",
+        ]
+        result = subprocess.run(
+            command, env={**os.environ, "TMPDIR": str(archiver_tmp)}, capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"torch-model-archiver failed for {spec.name}:\n{result.stdout}{result.stderr}")
+    return export_dir / f"{spec.name}.mar"

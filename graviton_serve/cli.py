@@ -1,0 +1,107 @@
+"""Entry points behind scripts/: set-up checks, the demo store, and serving.
+
+    python -m graviton_serve.cli setup            # Java check + gRPC stubs
+    python -m graviton_serve.cli build-store      # the offline demo model store (cached)
+    python -m graviton_serve.cli serve [--stop | --foreground]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from graviton_serve.demo_store import DEMO_MODELS, build_demo_store
+from graviton_serve.grpc_client import ensure_stubs
+from graviton_serve.java import JavaNotFound, find_java_home
+from graviton_serve.paths import CONFIG_FILE, MODEL_STORE, RUN_DIR
+from graviton_serve.progress import say
+from graviton_serve.server import ConfigError, ServerError, TorchServe
+
+SAMPLE_INPUTS = {"mnist": "tests/data/digit.png"}
+
+
+def setup() -> None:
+    say(f"java: {find_java_home()}")
+    say(f"gRPC stubs: {ensure_stubs()}")
+
+
+def usage_text(server: TorchServe) -> str:
+    key_file = server.key_file
+    inference_key = f"$(python3 -c 'import json;print(json.load(open(\"{key_file}\"))[\"inference\"][\"key\"])')"
+    lines = [
+        f"TorchServe is up (frontend pid {server.pid}); run folder {server.run_dir}",
+        f"  token key file: {key_file}  (inference, management keys; sent as 'Authorization: Bearer <key>')",
+        f"  logs: {server.log_dir}   metrics: {server.url('metrics', 'metrics')}",
+        f"  KEY={inference_key}",
+    ]
+    for name in server.expected_models():
+        sample = SAMPLE_INPUTS.get(name, "<input file>")
+        lines += [
+            f"  {name}:",
+            f"    curl -X POST {server.url('inference', f'predictions/{name}')} -H \"Authorization: Bearer $KEY\" -T {sample}",
+            f"    scripts/grpc-client --inference-port {server.ports.grpc_inference} predict {name} {sample}",
+        ]
+    lines.append("  stop: scripts/serve --stop")
+    return "\n".join(lines)
+
+
+def serve(stop: bool, foreground: bool) -> int:
+    server = TorchServe(RUN_DIR, MODEL_STORE, CONFIG_FILE)
+    if stop:
+        was_running = server.is_running()
+        server.stop()
+        say("TorchServe stopped" if was_running else "TorchServe was not running")
+        return 0
+    build_demo_store(MODEL_STORE)
+    if server.is_running():
+        say("TorchServe is already running")
+        print(usage_text(server))
+        return 0
+    say(f"starting TorchServe: models {', '.join(server.expected_models())}")
+    started = time.monotonic()
+    launcher = server.start(foreground=foreground)
+    say(f"every model READY {time.monotonic() - started:.1f}s after start")
+    print(usage_text(server), flush=True)
+    if launcher is None:
+        return 0
+
+    def on_signal(signum: int, _frame) -> None:
+        say(f"signal {signum}: stopping TorchServe")
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return launcher.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="graviton_serve")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("setup", help="check Java and generate the gRPC stubs")
+    build = commands.add_parser("build-store", help="build the offline demo model store (cached)")
+    build.add_argument("models", nargs="*", help="default: every demo model (" + ", ".join(DEMO_MODELS) + ")")
+    build.add_argument("--store", type=Path, default=MODEL_STORE)
+    build.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    serve_parser = commands.add_parser("serve", help="serve every model of the model store")
+    mode = serve_parser.add_mutually_exclusive_group()
+    mode.add_argument("--stop", action="store_true", help="stop the server and wait until its processes exit")
+    mode.add_argument("--foreground", action="store_true", help="stay in the foreground; SIGTERM stops cleanly")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "setup":
+            setup()
+        elif args.command == "build-store":
+            build_demo_store(args.store, args.models or None, force=args.force)
+        else:
+            return serve(args.stop, args.foreground)
+    except (JavaNotFound, ConfigError, ServerError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

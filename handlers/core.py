@@ -1,0 +1,214 @@
+"""The request lifecycle, owned once for every model.
+
+A model module subclasses ``ModelHandler`` and says only what is its own: how to load the
+model, how to turn one request into inputs (``decode``), how to batch them (``collate``), and
+how to turn one output into JSON (``encode``). ``Worker`` does the rest: settings validated at
+init, device and threads, one forward under inference mode for the whole batch, per-request
+errors through the one table in ``handlers.errors``, and a response list that always has the
+batch's length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from handlers import tuning
+from handlers.errors import RequestError, error_body
+from handlers.payload import Payload
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.json"
+SETTINGS_SECTION = "handler"  # the model-config.yaml section that belongs to our handlers
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key a model accepts under ``handler:`` in its model-config.yaml."""
+
+    default: Any
+    parse: Callable[[Any], Any]
+
+
+class ModelHandler:
+    """What a model family defines. Subclasses override ``load``, ``decode`` and ``encode``."""
+
+    #: keys accepted under ``handler:`` in model-config.yaml, each with its default and parser
+    settings: dict[str, Setting] = {}
+
+    def load(self, model_dir: Path, serialized_file: str | None, settings: dict) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def decode(self, payload: Payload) -> Any:
+        """One request's payload -> one item (its tensors and options). Raise RequestError."""
+        raise NotImplementedError
+
+    def collate(self, items: list) -> Any:
+        """Items -> the model's batch input. Items are what ``decode`` returned."""
+        return torch.stack([item.tensor for item in items])
+
+    def forward(self, model: torch.nn.Module, batch: Any) -> Any:
+        return model(batch)
+
+    def split(self, outputs: Any, count: int) -> list:
+        """The model's batch output -> one output per item, in order."""
+        return list(outputs.unbind(0))
+
+    def encode(self, output: Any, item: Any) -> Any:
+        """One output -> a JSON-serialisable response."""
+        raise NotImplementedError
+
+
+def read_settings(model_yaml_config: dict | None, accepted: dict[str, Setting]) -> dict:
+    """The ``handler:`` section of model-config.yaml, validated; every error names its key."""
+    section = (model_yaml_config or {}).get(SETTINGS_SECTION) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"model-config.yaml: '{SETTINGS_SECTION}' must be a mapping")
+    unknown = sorted(set(section) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"model-config.yaml: unknown key '{SETTINGS_SECTION}.{unknown[0]}'; "
+            f"accepted keys: {', '.join(sorted(accepted)) or 'none'}"
+        )
+    values = {}
+    for key, setting in accepted.items():
+        raw = section.get(key, setting.default)
+        try:
+            values[key] = setting.parse(raw)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"model-config.yaml: '{SETTINGS_SECTION}.{key}' is invalid: {exc}") from None
+    return values
+
+
+def _device(context: Any) -> torch.device:
+    gpu_id = context.system_properties.get("gpu_id")
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
+
+
+class Worker:
+    """One model in one TorchServe worker process: built once at init, then serves batches."""
+
+    def __init__(self, handler: ModelHandler, context: Any):
+        properties = context.system_properties
+        self.handler = handler
+        self.model_name = context.model_name
+        self.model_dir = Path(properties["model_dir"])
+        self.settings = read_settings(getattr(context, "model_yaml_config", None), handler.settings)
+        self.device = _device(context)
+        self.threads = tuning.configure_threads(self.model_name, self.device)
+        model_info = (context.manifest or {}).get("model", {})
+        model = handler.load(self.model_dir, model_info.get("serializedFile"), self.settings)
+        self.model = model.to(self.device).eval()
+        metadata_path = self.model_dir / METADATA_FILE
+        self.metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
+
+    def handle(self, data: list[dict], context: Any) -> list:
+        if _is_describe(context):
+            return [json.dumps({"model": self.model_name, **self.metadata})]
+        responses: list = [None] * len(data)
+        items: dict[int, Any] = {}
+        for index, request in enumerate(data):
+            headers = _headers(context, index)
+            if not _arrived_over_http(headers):
+                # gRPC: mark each response complete. Without this header TorchServe 0.12's
+                # StreamPredictions hits a NullPointerException and kills the worker. (Over HTTP
+                # the same header would turn the reply into an unfinished chunked stream.)
+                context.set_response_header(index, "ts_stream_next", "false")
+            try:
+                items[index] = self.handler.decode(Payload.from_request(request, headers))
+            except Exception as error:  # noqa: BLE001 - every error is answered per request
+                responses[index] = self._fail(context, index, error)
+        if items:
+            try:
+                outputs = self._forward(list(items.values()))
+            except Exception as error:  # noqa: BLE001
+                for index in items:
+                    responses[index] = self._fail(context, index, error)
+            else:
+                for (index, item), output in zip(items.items(), outputs):
+                    try:
+                        responses[index] = json.dumps(self.handler.encode(output, item))
+                        context.set_response_content_type(index, "application/json")
+                    except Exception as error:  # noqa: BLE001
+                        responses[index] = self._fail(context, index, error)
+        return responses
+
+    def _forward(self, items: list) -> list:
+        batch = _to_device(self.handler.collate(items), self.device)
+        with torch.inference_mode():
+            outputs = self.handler.forward(self.model, batch)
+        rows = self.handler.split(outputs, len(items))
+        if len(rows) != len(items):
+            raise RuntimeError(f"{type(self.handler).__name__}.split returned {len(rows)} rows for {len(items)} items")
+        return rows
+
+    def _fail(self, context: Any, index: int, error: BaseException) -> str:
+        body = error_body(error)
+        if isinstance(error, RequestError):
+            # The message is ours and carries no request content; the content is never logged.
+            log.info("%s: request %d of batch answered %d %s", self.model_name, index, body["code"], body["type"])
+        else:
+            log.error("%s: request %d of batch failed", self.model_name, index, exc_info=error)
+        context.set_response_status(body["code"], body["type"], index)
+        context.set_response_content_type(index, "application/json")
+        return json.dumps(body)
+
+
+def _headers(context: Any, index: int) -> dict:
+    try:
+        return context.get_all_request_header(index) or {}
+    except (AttributeError, IndexError, TypeError):
+        return {}
+
+
+def _arrived_over_http(headers: dict) -> bool:
+    # TorchServe passes HTTP headers as str values beside each input part's {"content-type": ...};
+    # requests that came over gRPC carry only the parts.
+    return any(isinstance(value, str) for value in headers.values())
+
+
+def _is_describe(context: Any) -> bool:
+    # TorchServe's customized describe (GET /models/<name>?customized=true) sends one request
+    # with the header describe=True.
+    try:
+        return context.get_request_header(0, "describe") == "True"
+    except (AttributeError, IndexError, TypeError):
+        return False
+
+
+def entry_point(make_handler: Callable[[], ModelHandler]) -> Callable[[Any, Any], Any]:
+    """The ``handle(data, context)`` function TorchServe calls; the worker is built on the first call.
+
+    TorchServe calls it once with ``data=None`` at load (our init), then once per batch.
+    """
+    worker: Worker | None = None
+
+    def handle(data: Any, context: Any) -> Any:
+        nonlocal worker
+        if worker is None:
+            worker = Worker(make_handler(), context)
+            log.info("%s: ready on %s, pid %d", worker.model_name, worker.device, os.getpid())
+        if data is None:
+            return None
+        return worker.handle(data, context)
+
+    return handle

@@ -1,0 +1,78 @@
+"""Image decoding shared by the image models: size limits first, then any format and mode."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from handlers.errors import BadInput, PayloadTooLarge
+
+# 16-bit and 32-bit integer modes: PIL's convert() would clip them to 255, so scale instead.
+_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode ``data`` into a fully loaded PIL image, upright (EXIF orientation applied).
+
+    The pixel count is checked from the header, before any pixel is decoded, so a
+    decompression bomb costs nothing: over ``max_pixels`` is a 413, not an image is a 400.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise PayloadTooLarge(
+                    f"the image is {width}x{height} = {width * height} pixels, over this model's "
+                    f"limit of {max_pixels}; send a smaller image"
+                )
+            image.seek(0)  # animated formats: the first frame
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PayloadTooLarge(
+            f"the image is too large to decode safely (over {max_pixels} pixels); send a smaller image"
+        ) from None
+    except UnidentifiedImageError:
+        raise BadInput(
+            "the body is not an image this server can read; send PNG, JPEG, WebP, BMP or GIF bytes, "
+            "or the same as base64"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadInput(
+            f"the image could not be decoded ({type(exc).__name__}: it may be truncated or corrupt); "
+            "send a complete image file"
+        ) from None
+    if width == 0 or height == 0:
+        raise BadInput("the image has no pixels")
+    return ImageOps.exif_transpose(image)
+
+
+def _widen_to_8bit(image: Image.Image) -> Image.Image:
+    if image.mode not in _WIDE_MODES:
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+    return Image.fromarray(np.clip(pixels / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any mode to RGB; transparent pixels are laid over ``background``."""
+    image = _widen_to_8bit(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_gray(image: Image.Image) -> Image.Image:
+    """Any mode to 8-bit grayscale (L); transparency over white."""
+    if image.mode == "L":
+        return image
+    return to_rgb(image).convert("L")

@@ -1,0 +1,91 @@
+"""MNIST digits: a small CNN, and the conversion of any image into MNIST's format.
+
+MNIST's own recipe: the digit's bounding box scaled to fit 20x20, placed in a 28x28 field so
+that its centre of mass is at the centre; white digit on black. Any size and mode is accepted,
+and a dark digit on a light background is inverted first. Training applies the same function,
+so served and trained inputs match.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from handlers.core import entry_point
+from handlers.image_classifier import ImageClassifier
+from handlers.images import to_gray
+
+SIDE = 28
+BOX = 20
+MEAN, STD = 0.1307, 0.3081  # MNIST's pixel statistics, as the network was trained with
+
+
+class MnistNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
+            nn.Dropout(0.3), nn.Linear(128, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def to_mnist_format(pixels: np.ndarray) -> np.ndarray:
+    """A 2-D grayscale array (0..255, any size) -> 28x28 float32 in 0..1, MNIST style."""
+    image = pixels.astype(np.float32) / 255.0
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    if border.mean() > 0.5:  # dark digit on a light background
+        image = 1.0 - image
+    ink = np.argwhere(image > 0.1)
+    if ink.size == 0:
+        return np.zeros((SIDE, SIDE), np.float32)
+    (top, left), (bottom, right) = ink.min(0), ink.max(0) + 1
+    digit = torch.from_numpy(np.ascontiguousarray(image[top:bottom, left:right]))
+    height, width = digit.shape
+    scale = BOX / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    digit = F.interpolate(digit[None, None], size=size, mode="bilinear", antialias=True, align_corners=False)[0, 0]
+    digit = digit.clamp(0, 1).numpy()
+    field = np.zeros((SIDE, SIDE), np.float32)
+    total = digit.sum()
+    rows, cols = np.indices(digit.shape)
+    centre_y = (rows * digit).sum() / total if total > 0 else digit.shape[0] / 2
+    centre_x = (cols * digit).sum() / total if total > 0 else digit.shape[1] / 2
+    y0 = int(np.clip(round(SIDE / 2 - centre_y), 0, SIDE - digit.shape[0]))
+    x0 = int(np.clip(round(SIDE / 2 - centre_x), 0, SIDE - digit.shape[1]))
+    field[y0:y0 + digit.shape[0], x0:x0 + digit.shape[1]] = digit
+    return field
+
+
+def normalize(field: np.ndarray) -> torch.Tensor:
+    """28x28 in 0..1 -> the network's input tensor [1, 28, 28]."""
+    return ((torch.from_numpy(field) - MEAN) / STD).unsqueeze(0)
+
+
+class MnistHandler(ImageClassifier):
+    categories = [str(digit) for digit in range(10)]
+
+    def load(self, model_dir: Path, serialized_file: str | None, settings: dict) -> nn.Module:
+        self.configure(settings)
+        model = MnistNet()
+        model.load_state_dict(torch.load(model_dir / (serialized_file or "mnist_cnn.pt"), weights_only=True))
+        return model
+
+    def image_to_tensor(self, image: Image.Image) -> torch.Tensor:
+        return normalize(to_mnist_format(np.asarray(to_gray(image))))
+
+
+handle = entry_point(MnistHandler)
