@@ -137,20 +137,36 @@ class Worker:
                 items[index] = self.handler.decode(Payload.from_request(request, headers))
             except Exception as error:  # noqa: BLE001 - every error is answered per request
                 responses[index] = self._fail(context, index, error)
-        if items:
+        for index, outcome in self._forward_isolating_oom(items).items():
             try:
-                outputs = self._forward(list(items.values()))
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                responses[index] = json.dumps(self.handler.encode(outcome, items[index]))
+                context.set_response_content_type(index, "application/json")
             except Exception as error:  # noqa: BLE001
-                for index in items:
-                    responses[index] = self._fail(context, index, error)
-            else:
-                for (index, item), output in zip(items.items(), outputs):
-                    try:
-                        responses[index] = json.dumps(self.handler.encode(output, item))
-                        context.set_response_content_type(index, "application/json")
-                    except Exception as error:  # noqa: BLE001
-                        responses[index] = self._fail(context, index, error)
+                responses[index] = self._fail(context, index, error)
         return responses
+
+    def _forward_isolating_oom(self, items: dict[int, Any]) -> dict[int, Any]:
+        """index -> output, or the exception that index gets.
+
+        One forward for the whole batch. If it runs out of memory, each item is retried alone,
+        so only the item that does not fit gets its 507.
+        """
+        if not items:
+            return {}
+        try:
+            return dict(zip(items, self._forward(list(items.values()))))
+        except (MemoryError, torch.OutOfMemoryError) as error:
+            if len(items) == 1:
+                return {index: error for index in items}
+            log.warning("%s: out of memory on a batch of %d; retrying one by one", self.model_name, len(items))
+            outcomes: dict[int, Any] = {}
+            for index, item in items.items():
+                outcomes.update(self._forward_isolating_oom({index: item}))
+            return outcomes
+        except Exception as error:  # noqa: BLE001 - a failed forward fails its batch, nothing more
+            return {index: error for index in items}
 
     def _forward(self, items: list) -> list:
         batch = _to_device(self.handler.collate(items), self.device)
@@ -195,20 +211,24 @@ def _is_describe(context: Any) -> bool:
         return False
 
 
-def entry_point(make_handler: Callable[[], ModelHandler]) -> Callable[[Any, Any], Any]:
-    """The ``handle(data, context)`` function TorchServe calls; the worker is built on the first call.
+class EntryPoint:
+    """The ``handle(data, context)`` callable TorchServe calls; the worker is built on the first call.
 
     TorchServe calls it once with ``data=None`` at load (our init), then once per batch.
     """
-    worker: Worker | None = None
 
-    def handle(data: Any, context: Any) -> Any:
-        nonlocal worker
-        if worker is None:
-            worker = Worker(make_handler(), context)
-            log.info("%s: ready on %s, pid %d", worker.model_name, worker.device, os.getpid())
+    def __init__(self, make_handler: Callable[[], ModelHandler]):
+        self.make_handler = make_handler
+        self.worker: Worker | None = None
+
+    def __call__(self, data: Any, context: Any) -> Any:
+        if self.worker is None:
+            self.worker = Worker(self.make_handler(), context)
+            log.info("%s: ready on %s, pid %d", self.worker.model_name, self.worker.device, os.getpid())
         if data is None:
             return None
-        return worker.handle(data, context)
+        return self.worker.handle(data, context)
 
-    return handle
+
+def entry_point(make_handler: Callable[[], ModelHandler]) -> EntryPoint:
+    return EntryPoint(make_handler)

@@ -1,0 +1,62 @@
+"""Shared fixtures: the demo MNIST archive, and real TorchServe instances on free loopback ports."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+from graviton_serve.demo_store import build_demo_store
+from graviton_serve.paths import CONFIG_FILE, MODEL_STORE
+from graviton_serve.server import Ports, TorchServe
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def mnist_mar() -> Path:
+    """The demo store's mnist.mar (built once and cached; scripts/test builds it first)."""
+    (archive,) = build_demo_store(MODEL_STORE, ["mnist"])
+    return archive
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(mnist_mar, tmp_path_factory) -> Path:
+    """mnist.mar unpacked, as TorchServe unpacks it for a worker."""
+    folder = tmp_path_factory.mktemp("mnist_model")
+    with zipfile.ZipFile(mnist_mar) as archive:
+        archive.extractall(folder)
+    return folder
+
+
+class ServerUnderTest:
+    """Starts a real TorchServe over ``archives`` and, on stop, checks nothing of it is left."""
+
+    def __init__(self, root: Path, archives: list[Path]):
+        store = root / "store"
+        store.mkdir(parents=True)
+        for archive in archives:
+            shutil.copy2(archive, store / archive.name)
+        self.server = TorchServe(root / "run", store, CONFIG_FILE, ports=Ports.free())
+        self.pids: list[int] = []
+
+    def start(self) -> TorchServe:
+        self.server.start(timeout=180)
+        self.pids = [process.pid for process in self.server.processes()]
+        return self.server
+
+    def stop(self) -> None:
+        self.server.stop()
+        alive = [pid for pid in self.pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"TorchServe processes left running: {alive}"
+
+
+@pytest.fixture(scope="module")
+def mnist_server(mnist_mar, tmp_path_factory):
+    under_test = ServerUnderTest(tmp_path_factory.mktemp("ts_mnist"), [mnist_mar])
+    server = under_test.start()
+    yield server
+    under_test.stop()

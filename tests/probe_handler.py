@@ -1,0 +1,49 @@
+"""A test model for the handler core: the body is an integer, the answer is that integer scaled.
+
+Special inputs make each stage fail so the core's isolation can be observed:
+"big" -> 413 at decode, "crash" -> a bug at decode, 999 -> out of memory whenever it is in the
+forward's batch, 13 -> a bug at encode. Used only by tests/test_core.py.
+"""
+
+import torch
+
+from handlers.core import ModelHandler, Setting, entry_point
+from handlers.errors import BadInput, PayloadTooLarge
+from handlers.payload import positive_int
+
+
+class ProbeHandler(ModelHandler):
+    settings = {"scale": Setting(2, positive_int(100))}
+
+    def load(self, model_dir, serialized_file, settings):
+        self.scale = settings["scale"]
+        self.forward_batch_sizes = []
+        return torch.nn.Identity()
+
+    def decode(self, payload):
+        text = payload.body.decode() if isinstance(payload.body, (bytes, bytearray)) else str(payload.body)
+        if text == "big":
+            raise PayloadTooLarge("over the probe's limit; send a smaller number")
+        if text == "crash":
+            raise KeyError("a bug in decode")
+        try:
+            return int(text)
+        except ValueError:
+            raise BadInput("send an integer") from None
+
+    def collate(self, items):
+        return torch.tensor(items, dtype=torch.float32)
+
+    def forward(self, model, batch):
+        self.forward_batch_sizes.append(len(batch))
+        if (batch == 999).any():
+            raise torch.OutOfMemoryError("simulated out of memory")
+        return model(batch) * self.scale
+
+    def encode(self, output, item):
+        if item == 13:
+            raise RuntimeError("a bug in encode")
+        return {"value": float(output)}
+
+
+handle = entry_point(ProbeHandler)

@@ -1,0 +1,80 @@
+"""Request decoding (handlers/payload.py) and image decoding (handlers/images.py)."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from handlers.errors import BadInput, PayloadTooLarge
+from handlers.images import open_image, to_gray, to_rgb
+from handlers.payload import Payload, positive_int
+from tests.images import bomb_png, png, truncated_png
+
+DIGIT = (np.arange(28 * 28).reshape(28, 28) % 256).astype(np.uint8)
+PNG = png(DIGIT)
+
+
+def test_raw_bytes_base64_text_json_and_data_url_give_the_same_bytes():
+    encoded = base64.b64encode(PNG).decode()
+    assert Payload.from_request({"body": PNG}).binary("image") == PNG
+    assert Payload.from_request({"body": encoded}).binary("image") == PNG
+    assert Payload.from_request({"body": encoded.encode()}).binary("image") == PNG
+    assert Payload.from_request({"body": {"image": encoded}}).binary("image") == PNG
+    assert Payload.from_request({"body": {"image": "data:image/png;base64," + encoded}}).binary("image") == PNG
+    assert Payload.from_request({"file": PNG}).binary("image") == PNG  # a lone multipart part
+
+
+def test_malformed_json_is_a_bad_input_naming_the_problem():
+    payload = Payload.from_request({"body": b"{not json"}, {"body": {"content-type": "application/json"}})
+    with pytest.raises(BadInput, match="not valid JSON"):
+        payload.binary("image")
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"", "empty"),
+    ({"picture": "abc"}, "no 'image' field"),
+    ({"image": "%%%"}, "not valid base64"),
+    ({"image": 12}, "base64 string"),
+])
+def test_unusable_bodies_are_bad_input(body, message):
+    with pytest.raises(BadInput, match=message):
+        Payload.from_request({"body": body}).binary("image")
+
+
+def test_options_come_from_json_or_form_fields_and_are_validated():
+    parse = positive_int(10)
+    assert Payload.from_request({"body": {"top_k": 3}}).option("top_k", parse, 5) == 3
+    assert Payload.from_request({"body": PNG, "top_k": b"2"}).option("top_k", parse, 5) == 2
+    assert Payload.from_request({"body": PNG}).option("top_k", parse, 5) == 5
+    for bad in (0, 11, "x", True, 2.5):
+        with pytest.raises(BadInput, match="option 'top_k'"):
+            Payload.from_request({"body": {"top_k": bad}}).option("top_k", parse, 5)
+
+
+def test_decompression_bomb_is_rejected_before_decoding():
+    with pytest.raises(PayloadTooLarge, match="smaller image"):
+        open_image(bomb_png(), max_pixels=16_777_216)
+
+
+def test_pixel_limit_is_checked_from_the_header():
+    with pytest.raises(PayloadTooLarge, match="100x100 = 10000 pixels"):
+        open_image(png(np.zeros((100, 100), np.uint8)), max_pixels=9_999)
+
+
+@pytest.mark.parametrize("data", [b"hello", b"\x89PNG\r\n\x1a\n", truncated_png()])
+def test_not_an_image_or_truncated_is_bad_input(data):
+    with pytest.raises(BadInput):
+        open_image(data, max_pixels=16_777_216)
+
+
+def test_modes_convert_without_clipping_or_losing_ink():
+    sixteen = Image.fromarray(np.full((4, 4), 65535, np.uint16))
+    assert np.asarray(to_gray(sixteen)).min() == 255
+    transparent_black_ink = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    transparent_black_ink.putpixel((1, 1), (0, 0, 0, 255))
+    gray = np.asarray(to_gray(transparent_black_ink))
+    assert gray[1, 1] == 0 and gray[0, 0] == 255  # ink stays dark, transparency becomes white
+    assert to_rgb(Image.new("CMYK", (2, 2))).mode == "RGB"
