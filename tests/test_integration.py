@@ -1,0 +1,165 @@
+"""A real TorchServe (Java frontend + Python workers) on free loopback ports, over REST and gRPC."""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from graviton_serve.archive import ArchiveSpec, build_archive
+from graviton_serve.demo_mnist import split_digits
+from graviton_serve.grpc_client import GrpcClient
+from tests.conftest import ServerUnderTest
+from tests.images import bomb_png, png, truncated_png
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def grpc_client(mnist_server):
+    with GrpcClient.from_key_file(
+        mnist_server.key_file,
+        inference_port=mnist_server.ports.grpc_inference,
+        management_port=mnist_server.ports.grpc_management,
+    ) as client:
+        yield client
+
+
+def post(server, model: str, data: bytes, **kwargs) -> requests.Response:
+    return requests.post(
+        server.url("inference", f"predictions/{model}"), data=data, headers=server.auth(), timeout=60, **kwargs
+    )
+
+
+def worker_pids(server, model: str) -> list[int]:
+    response = requests.get(server.url("management", f"models/{model}"), headers=server.auth("management"), timeout=10)
+    return [worker["pid"] for worker in response.json()[0]["workers"]]
+
+
+def test_held_out_accuracy_through_the_server(mnist_server):
+    split = split_digits()
+    bodies = [png(image) for image in split.held_out_images]
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda body: post(mnist_server, "mnist", body), bodies))
+    assert all(reply.status_code == 200 for reply in replies)
+    predicted = [next(iter(reply.json())) for reply in replies]
+    accuracy = sum(p == str(label) for p, label in zip(predicted, split.held_out_labels)) / len(bodies)
+    print(f"MNIST held-out accuracy through TorchServe: {accuracy:.4f} on {len(bodies)} digits")
+    assert accuracy >= 0.97
+
+
+def test_rest_and_grpc_agree(mnist_server, grpc_client):
+    digit = (Path(__file__).parent / "data" / "digit.png").read_bytes()
+    over_rest = post(mnist_server, "mnist", digit)
+    assert over_rest.status_code == 200
+    assert over_rest.headers["content-type"] == "application/json"
+    over_grpc = json.loads(grpc_client.predict("mnist", {"data": digit}))
+    streamed = [json.loads(chunk) for chunk in grpc_client.stream_predict("mnist", {"data": digit, "top_k": b"2"})]
+    assert over_rest.json() == over_grpc
+    assert next(iter(over_grpc)) == "7" and len(over_grpc) == 5
+    assert streamed == [dict(list(over_grpc.items())[:2])]
+
+
+def test_grpc_ping_list_describe(grpc_client):
+    assert json.loads(grpc_client.ping())["status"] == "Healthy"
+    assert [m["modelName"] for m in grpc_client.list_models()["models"]] == ["mnist"]
+    (described,) = grpc_client.describe_model("mnist", customized=True)
+    assert described["customizedMetadata"]["held_out_accuracy"] >= 0.97
+
+
+def test_grpc_bad_input_gets_the_error_body_and_the_stream_survives(mnist_server, grpc_client):
+    pids = worker_pids(mnist_server, "mnist")
+    body = json.loads(grpc_client.predict("mnist", {"data": b"not an image"}))
+    assert body["code"] == 400 and body["type"] == "BadInput"
+    (streamed,) = grpc_client.stream_predict("mnist", {"data": b"not an image"})
+    assert json.loads(streamed)["code"] == 400
+    assert worker_pids(mnist_server, "mnist") == pids
+
+
+def test_token_is_required(mnist_server):
+    digit = (Path(__file__).parent / "data" / "digit.png").read_bytes()
+    anonymous = requests.post(mnist_server.url("inference", "predictions/mnist"), data=digit, timeout=30)
+    wrong = requests.post(mnist_server.url("inference", "predictions/mnist"), data=digit, timeout=30,
+                          headers={"Authorization": "Bearer wrong"})
+    assert anonymous.status_code != 200 and wrong.status_code != 200
+    assert "Token Authorization failed" in anonymous.text
+    # The model API is off: registering is refused even with the management token.
+    register = requests.post(mnist_server.url("management", "models"), params={"url": "mnist.mar"},
+                             headers=mnist_server.auth("management"), timeout=30)
+    assert register.status_code != 200
+
+
+def test_prometheus_metrics(mnist_server):
+    metrics = requests.get(mnist_server.url("metrics", "metrics"), timeout=30)
+    assert metrics.status_code == 200
+    assert "ts_inference_requests_total" in metrics.text
+
+
+@pytest.fixture(scope="module")
+def batching_server(mnist_dir, tmp_path_factory):
+    """MNIST repackaged so that 8 concurrent requests surely share one batch."""
+    root = tmp_path_factory.mktemp("ts_batch")
+    spec = ArchiveSpec(
+        name="mnist_batch",
+        handler_module="mnist",
+        weights=mnist_dir / "mnist.pt",
+        model_config={"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 5000, "responseTimeout": 60},
+        metadata=json.loads((mnist_dir / "metadata.json").read_text()),
+    )
+    archive = build_archive(spec, root / "built")
+    under_test = ServerUnderTest(root, [archive])
+    server = under_test.start()
+    yield server
+    under_test.stop()
+
+
+def batches_seen(server) -> int:
+    return (server.log_dir / "model_log.log").read_text().count("Backend received inference")
+
+
+def test_bad_inputs_fail_alone_inside_one_batch_and_the_worker_stays(batching_server):
+    split = split_digits()
+    good = [png(split.held_out_images[i]) for i in range(3)]
+    cases = [
+        (good[0], {}, 200),
+        (b"", {}, 400),
+        (b"this is not an image", {"Content-Type": "application/octet-stream"}, 400),
+        (truncated_png(), {}, 400),
+        (good[1], {}, 200),
+        (bomb_png(), {}, 413),
+        (b"{broken json", {"Content-Type": "application/json"}, 400),
+        (good[2], {}, 200),
+    ]
+    pids = worker_pids(batching_server, "mnist_batch")
+    before = batches_seen(batching_server)
+
+    def send(case):
+        body, headers, _ = case
+        return requests.post(batching_server.url("inference", "predictions/mnist_batch"), data=body, timeout=60,
+                             headers={**batching_server.auth(), **headers})
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        replies = list(pool.map(send, cases))
+    assert [r.status_code for r in replies] == [expected for _, _, expected in cases]
+    for reply, label in zip((replies[0], replies[4], replies[7]), split.held_out_labels[:3]):
+        assert next(iter(reply.json())) == str(label)
+    for reply in replies:
+        if reply.status_code != 200:
+            assert reply.json()["code"] == reply.status_code and reply.json()["message"]
+    time.sleep(0.5)  # the worker's log line reaches the frontend's log asynchronously
+    assert batches_seen(batching_server) - before == 1, "the 8 requests did not share one batch"
+    assert worker_pids(batching_server, "mnist_batch") == pids
+
+
+def test_stopping_leaves_no_process(mnist_mar, tmp_path):
+    under_test = ServerUnderTest(tmp_path, [mnist_mar])
+    server = under_test.start()
+    assert len(under_test.pids) >= 2  # frontend + worker
+    assert all(path.is_relative_to(tmp_path) for path in (server.pid_file, server.key_file, server.log_dir))
+    under_test.stop()  # asserts every PID is gone
+    assert not server.pid_file.exists()
