@@ -13,14 +13,24 @@ import sys
 import time
 from pathlib import Path
 
-from graviton_serve.demo_store import DEMO_MODELS, build_demo_store
+from graviton_serve.demo_store import DEMO_MODELS, build_demo_store, build_vision_archive
 from graviton_serve.grpc_client import ensure_stubs
 from graviton_serve.java import JavaNotFound, find_java_home
 from graviton_serve.paths import CONFIG_FILE, MODEL_STORE, RUN_DIR
 from graviton_serve.progress import say
+from graviton_serve.sample_data import photo
 from graviton_serve.server import ConfigError, ServerError, TorchServe
 
-SAMPLE_INPUTS = {"mnist": "tests/data/digit.png"}
+
+
+def sample_input(model: str) -> str:
+    """A file to try a model with: a real digit, or a real photo that scikit-learn ships."""
+    if model == "mnist":
+        return "tests/data/digit.png"
+    try:
+        return str(photo("flower"))
+    except FileNotFoundError:
+        return "<an image file>"
 
 
 def setup() -> None:
@@ -38,7 +48,7 @@ def usage_text(server: TorchServe) -> str:
         f"  KEY={inference_key}",
     ]
     for name in server.expected_models():
-        sample = SAMPLE_INPUTS.get(name, "<input file>")
+        sample = sample_input(name)
         lines += [
             f"  {name}:",
             f"    curl -X POST {server.url('inference', f'predictions/{name}')} -H \"Authorization: Bearer $KEY\" -T {sample}",
@@ -85,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("models", nargs="*", help="default: every demo model (" + ", ".join(DEMO_MODELS) + ")")
     build.add_argument("--store", type=Path, default=MODEL_STORE)
     build.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    vision = commands.add_parser("build-vision", help="a ResNet/DenseNet archive with real weights")
+    vision.add_argument("name", help="the served model name, e.g. densenet161")
+    vision.add_argument("--architecture", required=True, help="torchvision builder: resnet50, densenet161, ...")
+    vision.add_argument("--weights", default="DEFAULT", help="torchvision weights entry, e.g. IMAGENET1K_V2 (downloaded once)")
+    vision.add_argument("--weights-file", type=Path, help="a local state-dict file instead of downloading")
+    vision.add_argument("--store", type=Path, default=MODEL_STORE)
     serve_parser = commands.add_parser("serve", help="serve every model of the model store")
     mode = serve_parser.add_mutually_exclusive_group()
     mode.add_argument("--stop", action="store_true", help="stop the server and wait until its processes exit")
@@ -95,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             setup()
         elif args.command == "build-store":
             build_demo_store(args.store, args.models or None, force=args.force)
+        elif args.command == "build-vision":
+            build_vision_archive(args.name, args.architecture, args.weights, args.store, args.weights_file)
         else:
             return serve(args.stop, args.foreground)
     except (JavaNotFound, ConfigError, ServerError) as error:

