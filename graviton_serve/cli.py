@@ -8,11 +8,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 
+from graviton_serve.bench import benchmark
 from graviton_serve.demo_store import DEMO_MODELS, build_demo_store, build_vision_archive
 from graviton_serve.grpc_client import ensure_stubs
 from graviton_serve.java import JavaNotFound, find_java_home
@@ -38,6 +41,16 @@ def setup() -> None:
     say(f"gRPC stubs: {ensure_stubs()}")
 
 
+def archive_label(archive: Path) -> str:
+    """' (UNTRAINED ...)' for an archive whose metadata says it was not trained."""
+    try:
+        with zipfile.ZipFile(archive) as mar:
+            metadata = json.loads(mar.read("metadata.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return ""
+    return "" if metadata.get("trained", True) else " (UNTRAINED demo: random weights, answers are meaningless)"
+
+
 def usage_text(server: TorchServe) -> str:
     key_file = server.key_file
     inference_key = f"$(python3 -c 'import json;print(json.load(open(\"{key_file}\"))[\"inference\"][\"key\"])')"
@@ -50,7 +63,7 @@ def usage_text(server: TorchServe) -> str:
     for name in server.expected_models():
         sample = sample_input(name)
         lines += [
-            f"  {name}:",
+            f"  {name}{archive_label(server.model_store / f'{name}.mar')}:",
             f"    curl -X POST {server.url('inference', f'predictions/{name}')} -H \"Authorization: Bearer $KEY\" -T {sample}",
             f"    scripts/grpc-client --inference-port {server.ports.grpc_inference} predict {name} {sample}",
         ]
@@ -101,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     vision.add_argument("--weights", default="DEFAULT", help="torchvision weights entry, e.g. IMAGENET1K_V2 (downloaded once)")
     vision.add_argument("--weights-file", type=Path, help="a local state-dict file instead of downloading")
     vision.add_argument("--store", type=Path, default=MODEL_STORE)
+    bench = commands.add_parser("bench", help="latency and throughput through a real TorchServe")
+    bench.add_argument("--models", nargs="+", default=list(DEMO_MODELS))
+    bench.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
+    bench.add_argument("--requests", type=int, default=40, help="requests per model and concurrency")
     serve_parser = commands.add_parser("serve", help="serve every model of the model store")
     mode = serve_parser.add_mutually_exclusive_group()
     mode.add_argument("--stop", action="store_true", help="stop the server and wait until its processes exit")
@@ -111,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             setup()
         elif args.command == "build-store":
             build_demo_store(args.store, args.models or None, force=args.force)
+        elif args.command == "bench":
+            archives = build_demo_store(MODEL_STORE, args.models)
+            bodies = {name: Path(sample_input(name)).read_bytes() for name in args.models}
+            benchmark(archives, bodies, args.concurrency, args.requests)
         elif args.command == "build-vision":
             build_vision_archive(args.name, args.architecture, args.weights, args.store, args.weights_file)
         else:

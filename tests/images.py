@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -50,6 +51,7 @@ def truncated_png() -> bytes:
     return data[: len(data) // 2]
 
 
+@functools.lru_cache(maxsize=None)
 def bomb_png(side: int = 20000) -> bytes:
     """A real PNG of side x side black pixels: a few hundred KB that decode to side^2 bytes."""
     def chunk(kind: bytes, payload: bytes) -> bytes:
