@@ -17,7 +17,7 @@ import torch
 
 from functools import partial
 
-from graviton_serve import demo_mnist, demo_vision
+from graviton_serve import demo_mnist, demo_text, demo_vision
 from graviton_serve.archive import ArchiveSpec, build_archive, handler_sources, source_digest
 from graviton_serve.paths import CACHE_DIR, ROOT
 from graviton_serve.progress import say
@@ -29,9 +29,21 @@ STAMP_DIR = ".stamps"
 class DemoModel:
     name: str
     handler_module: str
-    train: Callable[[], tuple[torch.nn.Module, dict]]  # -> model, metadata
-    training_sources: tuple[str, ...]  # repo paths whose change means retraining
+    make: Callable[[Path], dict]  # writes the model's files into a folder, returns its metadata
+    serialized_file: str  # the file of that folder TorchServe records as the serialized model
+    training_sources: tuple[str, ...]  # repo paths whose change means making it again
     model_config: dict
+
+
+def state_dict_maker(train: Callable[[], tuple[torch.nn.Module, dict]], filename: str) -> Callable[[Path], dict]:
+    """A ``make`` for models whose archive holds one torch state dict."""
+
+    def make(folder: Path) -> dict:
+        network, metadata = train()
+        torch.save(network.state_dict(), folder / filename)
+        return metadata
+
+    return make
 
 
 def vision_model_config(architecture: str, weights: str) -> dict:
@@ -46,13 +58,34 @@ def vision_model_config(architecture: str, weights: str) -> dict:
     }
 
 
+def text_model_config(task: str) -> dict:
+    """model-config.yaml for a Hugging Face text archive (demo and real builds alike)."""
+    return {
+        "minWorkers": 1,
+        "maxWorkers": 1,
+        "batchSize": 8,
+        "maxBatchDelay": 20,
+        "responseTimeout": 120,
+        "handler": {"task": task, "top_k": 5, "max_masks": 5, "max_text_bytes": 65_536},
+    }
+
+
+TEXT_SOURCES = ("graviton_serve/demo_text.py", "handlers/text.py")
+TEXT_DEMOS = {
+    "bert_sentiment": ("sentiment", demo_text.bert_sentiment),
+    "roberta_sentiment": ("sentiment", demo_text.roberta_sentiment),
+    "bert_fill_mask": ("fill-mask", demo_text.bert_fill_mask),
+    "roberta_fill_mask": ("fill-mask", demo_text.roberta_fill_mask),
+}
+
 VISION_SOURCES = ("graviton_serve/demo_vision.py", "handlers/vision.py")
 
 DEMO_MODELS: dict[str, DemoModel] = {
     "mnist": DemoModel(
         name="mnist",
         handler_module="mnist",
-        train=demo_mnist.train,
+        make=state_dict_maker(demo_mnist.train, "mnist.pt"),
+        serialized_file="mnist.pt",
         training_sources=("graviton_serve/demo_mnist.py", "handlers/mnist.py"),
         model_config={
             "minWorkers": 1,
@@ -66,36 +99,48 @@ DEMO_MODELS: dict[str, DemoModel] = {
     "resnet50": DemoModel(
         name="resnet50",
         handler_module="vision",
-        train=partial(demo_vision.random_network, "resnet50", "IMAGENET1K_V2"),
+        make=state_dict_maker(partial(demo_vision.random_network, "resnet50", "IMAGENET1K_V2"), "resnet50.pt"),
+        serialized_file="resnet50.pt",
         training_sources=VISION_SOURCES,
         model_config=vision_model_config("resnet50", "IMAGENET1K_V2"),
     ),
     "densenet161": DemoModel(
         name="densenet161",
         handler_module="vision",
-        train=partial(demo_vision.random_network, "densenet161", "IMAGENET1K_V1"),
+        make=state_dict_maker(partial(demo_vision.random_network, "densenet161", "IMAGENET1K_V1"), "densenet161.pt"),
+        serialized_file="densenet161.pt",
         training_sources=VISION_SOURCES,
         model_config=vision_model_config("densenet161", "IMAGENET1K_V1"),
     ),
+    **{
+        name: DemoModel(
+            name=name,
+            handler_module="text",
+            make=make,
+            serialized_file="model.safetensors",
+            training_sources=TEXT_SOURCES,
+            model_config=text_model_config(task),
+        )
+        for name, (task, make) in TEXT_DEMOS.items()
+    },
 }
 
 
-def _trained_weights(model: DemoModel) -> tuple[Path, dict]:
-    """Weights and metadata from the cache, training first when the training code changed."""
+def _made_files(model: DemoModel) -> tuple[Path, dict]:
+    """The model's files and metadata from the cache, made first when their code changed."""
     key = source_digest([ROOT / path for path in model.training_sources])
     folder = CACHE_DIR / "weights" / model.name / key
-    weights, metadata_file = folder / f"{model.name}.pt", folder / "metadata.json"
-    if weights.exists() and metadata_file.exists():
-        say(f"{model.name}: trained weights cached in {folder}")
-        return weights, json.loads(metadata_file.read_text())
+    metadata_file = folder / "metadata.json"  # written last: its presence means complete
+    if metadata_file.exists():
+        say(f"{model.name}: weights cached in {folder}")
+        return folder, json.loads(metadata_file.read_text())
     say(f"{model.name}: making its weights (once; cached afterwards)")
-    network, metadata = model.train()
     if folder.parent.exists():
-        shutil.rmtree(folder.parent)  # older trainings of this model
+        shutil.rmtree(folder.parent)  # older versions of this model
     folder.mkdir(parents=True)
-    torch.save(network.state_dict(), weights)
+    metadata = model.make(folder)
     metadata_file.write_text(json.dumps(metadata, indent=2))
-    return weights, metadata
+    return folder, metadata
 
 
 def build_demo_store(store: Path, names: list[str] | None = None, force: bool = False) -> list[Path]:
@@ -114,9 +159,12 @@ def build_demo_store(store: Path, names: list[str] | None = None, force: bool = 
             say(f"{name}: {archive.name} is up to date")
             built.append(archive)
             continue
-        weights, metadata = _trained_weights(model)
+        folder, metadata = _made_files(model)
         say(f"{name}: packaging {archive.name}")
-        build_archive(ArchiveSpec(name, model.handler_module, weights, model.model_config, {"model": name, **metadata}), store)
+        extras = [path for path in sorted(folder.iterdir()) if path.name not in (model.serialized_file, "metadata.json")]
+        spec = ArchiveSpec(name, model.handler_module, folder / model.serialized_file, model.model_config,
+                           {"model": name, **metadata}, extras)
+        build_archive(spec, store)
         stamp_file.parent.mkdir(exist_ok=True)
         stamp_file.write_text(json.dumps(stamp))
         built.append(archive)
