@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 from graviton_serve.bench import benchmark
-from graviton_serve.demo_store import DEMO_MODELS, build_demo_store, build_vision_archive
+from graviton_serve.demo_store import DEMO_MODELS, build_demo_store, build_text_archive, build_vision_archive
 from graviton_serve.grpc_client import ensure_stubs
 from graviton_serve.java import JavaNotFound, find_java_home
 from graviton_serve.paths import CONFIG_FILE, MODEL_STORE, RUN_DIR
@@ -26,8 +26,11 @@ from graviton_serve.server import ConfigError, ServerError, TorchServe
 
 
 
+SAMPLE_TEXTS = {"sentiment": "I love riding in self-driving cars!", "fill_mask": "The capital of France is [MASK]."}
+
+
 def sample_input(model: str) -> str:
-    """A file to try a model with: a real digit, or a real photo that scikit-learn ships."""
+    """A file to try an image model with: a real digit, or a real photo that scikit-learn ships."""
     if model == "mnist":
         return "tests/data/digit.png"
     try:
@@ -36,9 +39,16 @@ def sample_input(model: str) -> str:
         return "<an image file>"
 
 
-def setup() -> None:
-    say(f"java: {find_java_home()}")
-    say(f"gRPC stubs: {ensure_stubs()}")
+def call_lines(server: TorchServe, name: str) -> list[str]:
+    """One curl line and one gRPC line for a model."""
+    url = server.url("inference", f"predictions/{name}")
+    grpc = f"scripts/grpc-client --inference-port {server.ports.grpc_inference} predict {name}"
+    text = next((t for kind, t in SAMPLE_TEXTS.items() if name.endswith(kind)), None)
+    if text is not None:
+        return [f"    curl -X POST {url} -H \"Authorization: Bearer $KEY\" -H 'Content-Type: text/plain' --data-binary '{text}'",
+                f"    {grpc} --text '{text}'"]
+    sample = sample_input(name)
+    return [f"    curl -X POST {url} -H \"Authorization: Bearer $KEY\" -T {sample}", f"    {grpc} {sample}"]
 
 
 def archive_label(archive: Path) -> str:
@@ -61,12 +71,7 @@ def usage_text(server: TorchServe) -> str:
         f"  KEY={inference_key}",
     ]
     for name in server.expected_models():
-        sample = sample_input(name)
-        lines += [
-            f"  {name}{archive_label(server.model_store / f'{name}.mar')}:",
-            f"    curl -X POST {server.url('inference', f'predictions/{name}')} -H \"Authorization: Bearer $KEY\" -T {sample}",
-            f"    scripts/grpc-client --inference-port {server.ports.grpc_inference} predict {name} {sample}",
-        ]
+        lines += [f"  {name}{archive_label(server.model_store / f'{name}.mar')}:", *call_lines(server, name)]
     lines.append("  stop: scripts/serve --stop")
     return "\n".join(lines)
 
@@ -114,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     vision.add_argument("--weights", default="DEFAULT", help="torchvision weights entry, e.g. IMAGENET1K_V2 (downloaded once)")
     vision.add_argument("--weights-file", type=Path, help="a local state-dict file instead of downloading")
     vision.add_argument("--store", type=Path, default=MODEL_STORE)
+    text = commands.add_parser("build-text", help="a BERT/RoBERTa archive from a hub id or a local folder")
+    text.add_argument("name", help="the served model name, e.g. bert_sentiment")
+    text.add_argument("--task", required=True, choices=["sentiment", "fill-mask"])
+    text.add_argument("--from", dest="source", required=True,
+                      help="hub id (e.g. distilbert-base-uncased-finetuned-sst-2-english) or a folder with config + weights + tokenizer")
+    text.add_argument("--store", type=Path, default=MODEL_STORE)
     bench = commands.add_parser("bench", help="latency and throughput through a real TorchServe")
     bench.add_argument("--models", nargs="+", default=list(DEMO_MODELS))
     bench.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
@@ -132,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             archives = build_demo_store(MODEL_STORE, args.models)
             bodies = {name: Path(sample_input(name)).read_bytes() for name in args.models}
             benchmark(archives, bodies, args.concurrency, args.requests)
+        elif args.command == "build-text":
+            build_text_archive(args.name, args.task, args.source, args.store)
         elif args.command == "build-vision":
             build_vision_archive(args.name, args.architecture, args.weights, args.store, args.weights_file)
         else:

@@ -46,28 +46,26 @@ def state_dict_maker(train: Callable[[], tuple[torch.nn.Module, dict]], filename
     return make
 
 
-def vision_model_config(architecture: str, weights: str) -> dict:
-    """model-config.yaml for a ResNet/DenseNet archive (demo and real builds alike)."""
+def model_config(handler: dict, batch_size: int = 8, max_batch_delay_ms: int = 20, response_timeout_s: int = 120) -> dict:
+    """model-config.yaml: one worker per model (it uses every core), TorchServe batching, our handler section."""
     return {
         "minWorkers": 1,
         "maxWorkers": 1,
-        "batchSize": 8,
-        "maxBatchDelay": 20,
-        "responseTimeout": 120,
-        "handler": {"architecture": architecture, "weights": weights, "top_k": 5, "max_image_pixels": 16_777_216},
+        "batchSize": batch_size,
+        "maxBatchDelay": max_batch_delay_ms,
+        "responseTimeout": response_timeout_s,
+        "handler": handler,
     }
+
+
+def vision_model_config(architecture: str, weights: str) -> dict:
+    """For a ResNet/DenseNet archive (demo and real builds alike)."""
+    return model_config({"architecture": architecture, "weights": weights, "top_k": 5, "max_image_pixels": 16_777_216})
 
 
 def text_model_config(task: str) -> dict:
-    """model-config.yaml for a Hugging Face text archive (demo and real builds alike)."""
-    return {
-        "minWorkers": 1,
-        "maxWorkers": 1,
-        "batchSize": 8,
-        "maxBatchDelay": 20,
-        "responseTimeout": 120,
-        "handler": {"task": task, "top_k": 5, "max_masks": 5, "max_text_bytes": 65_536},
-    }
+    """For a Hugging Face text archive (demo and real builds alike)."""
+    return model_config({"task": task, "top_k": 5, "max_masks": 5, "max_text_bytes": 65_536})
 
 
 TEXT_SOURCES = ("graviton_serve/demo_text.py", "handlers/text.py")
@@ -78,6 +76,7 @@ TEXT_DEMOS = {
     "roberta_fill_mask": ("fill-mask", demo_text.roberta_fill_mask),
 }
 
+VISION_DEMOS = {"resnet50": "IMAGENET1K_V2", "densenet161": "IMAGENET1K_V1"}  # architecture -> weights entry
 VISION_SOURCES = ("graviton_serve/demo_vision.py", "handlers/vision.py")
 
 DEMO_MODELS: dict[str, DemoModel] = {
@@ -87,31 +86,19 @@ DEMO_MODELS: dict[str, DemoModel] = {
         make=state_dict_maker(demo_mnist.train, "mnist.pt"),
         serialized_file="mnist.pt",
         training_sources=("graviton_serve/demo_mnist.py", "handlers/mnist.py"),
-        model_config={
-            "minWorkers": 1,
-            "maxWorkers": 1,
-            "batchSize": 8,
-            "maxBatchDelay": 10,
-            "responseTimeout": 30,
-            "handler": {"top_k": 5, "max_image_pixels": 16_777_216},
-        },
+        model_config=model_config({"top_k": 5, "max_image_pixels": 16_777_216}, max_batch_delay_ms=10, response_timeout_s=30),
     ),
-    "resnet50": DemoModel(
-        name="resnet50",
-        handler_module="vision",
-        make=state_dict_maker(partial(demo_vision.random_network, "resnet50", "IMAGENET1K_V2"), "resnet50.pt"),
-        serialized_file="resnet50.pt",
-        training_sources=VISION_SOURCES,
-        model_config=vision_model_config("resnet50", "IMAGENET1K_V2"),
-    ),
-    "densenet161": DemoModel(
-        name="densenet161",
-        handler_module="vision",
-        make=state_dict_maker(partial(demo_vision.random_network, "densenet161", "IMAGENET1K_V1"), "densenet161.pt"),
-        serialized_file="densenet161.pt",
-        training_sources=VISION_SOURCES,
-        model_config=vision_model_config("densenet161", "IMAGENET1K_V1"),
-    ),
+    **{
+        architecture: DemoModel(
+            name=architecture,
+            handler_module="vision",
+            make=state_dict_maker(partial(demo_vision.random_network, architecture, weights), f"{architecture}.pt"),
+            serialized_file=f"{architecture}.pt",
+            training_sources=VISION_SOURCES,
+            model_config=vision_model_config(architecture, weights),
+        )
+        for architecture, weights in VISION_DEMOS.items()
+    },
     **{
         name: DemoModel(
             name=name,
@@ -181,3 +168,23 @@ def build_vision_archive(name: str, architecture: str, weights: str, store: Path
         say(f"{name}: packaging {name}.mar")
         spec = ArchiveSpec(name, "vision", state, vision_model_config(architecture, weights), {"model": name, **metadata})
         return build_archive(spec, store)
+
+
+def build_text_archive(name: str, task: str, source: str, store: Path) -> Path:
+    """A real text archive from a Hugging Face hub id (downloaded once) or a local folder:
+    config, weights and tokenizer files packed so that serving needs no download."""
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    model_class = AutoModelForMaskedLM if task == "fill-mask" else AutoModelForSequenceClassification
+    say(f"{name}: loading {source}")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = model_class.from_pretrained(source)
+    with tempfile.TemporaryDirectory() as work:
+        folder = Path(work)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        weights = folder / "model.safetensors"
+        extras = [path for path in sorted(folder.iterdir()) if path != weights]
+        metadata = {"model": name, "trained": True, "source": source, "task": task}
+        say(f"{name}: packaging {name}.mar")
+        return build_archive(ArchiveSpec(name, "text", weights, text_model_config(task), metadata, extras), store)

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("predict", "stream"):
         command = commands.add_parser(name)
         command.add_argument("model")
-        command.add_argument("file", type=Path, help="the request body (an image, a text file, ...); - for stdin")
+        command.add_argument("file", type=Path, nargs="?", help="the request body (an image, a text file, ...); - for stdin")
+        command.add_argument("--text", help="a text to send as the body instead of a file")
         command.add_argument("--field", action="append", default=[], metavar="KEY=VALUE",
                              help="an extra request field, e.g. top_k=3")
     args = parser.parse_args(argv)
@@ -179,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "describe":
             print(json.dumps(client.describe_model(args.model, customized=True), indent=2))
         else:
-            body = sys.stdin.buffer.read() if str(args.file) == "-" else args.file.read_bytes()
+            if (args.text is None) == (args.file is None):
+                parser.error("give either a file or --text")
+            if args.text is not None:
+                body = args.text.encode("utf-8")
+            else:
+                body = sys.stdin.buffer.read() if str(args.file) == "-" else args.file.read_bytes()
             inputs = {"data": body}
             for field in args.field:
                 key, _, value = field.partition("=")

@@ -151,3 +151,23 @@ def test_bad_items_get_their_own_errors_in_a_mixed_batch(tiny_sentiment, rigged_
     ])
     assert [r.status for r in masks] == [400, 400, 200]
     assert "[MASK]" in masks[0].json()["message"] and "at most 5" in masks[1].json()["message"]
+
+
+def test_archive_from_a_local_folder_serves(tmp_path, bert_tokenizer):
+    """build-text --from <folder>: the real loading path (from_pretrained) on a saved checkpoint."""
+    import zipfile
+
+    from graviton_serve.demo_store import build_text_archive
+
+    source = tmp_path / "checkpoint"
+    config = BertConfig(vocab_size=len(bert_tokenizer), max_position_embeddings=64, num_labels=2,
+                        id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}, **TINY)
+    BertForSequenceClassification(config).save_pretrained(source)
+    bert_tokenizer.save_pretrained(source)
+    archive = build_text_archive("my_sentiment", "sentiment", str(source), tmp_path / "store")
+    with zipfile.ZipFile(archive) as mar:
+        mar.extractall(tmp_path / "unpacked")
+        assert {"config.json", "model.safetensors", "text.py", "handlers/core.py"} <= set(mar.namelist())
+    service = load_service(tmp_path / "unpacked", "text.py", name="my_sentiment")
+    (reply,) = predict(service, [request("great", "text/plain")])
+    assert reply.status == 200 and set(reply.json()["scores"]) == {"NEGATIVE", "POSITIVE"}
