@@ -50,14 +50,14 @@ HEADER = ("| model | concurrency | requests | throughput (req/s) | p50 (ms) | p9
           "|---|---|---|---|---|---|---|---|---|")
 
 
-def run_load(server: TorchServe, model: str, body: bytes, concurrency: int, count: int, warmup: int = 3) -> Result:
+def run_load(server: TorchServe, model: str, bodies: list[bytes], concurrency: int, count: int, warmup: int = 3) -> Result:
     url = server.url("inference", f"predictions/{model}")
-    headers = server.auth()
+    headers = {**server.auth(), "Content-Type": "application/octet-stream"}
     session = requests.Session()
 
-    def one(_: int) -> tuple[float, bool]:
+    def one(number: int) -> tuple[float, bool]:
         started = time.perf_counter()
-        response = session.post(url, data=body, headers=headers, timeout=300)
+        response = session.post(url, data=bodies[number % len(bodies)], headers=headers, timeout=300)
         return (time.perf_counter() - started) * 1000, response.status_code == 200
 
     for _ in range(warmup):
@@ -80,7 +80,7 @@ def worker_rss_mib(server: TorchServe) -> dict[str, int]:
     return sizes
 
 
-def benchmark(archives: list[Path], bodies: dict[str, bytes], concurrencies: list[int], count: int) -> list[Result]:
+def benchmark(archives: list[Path], bodies: dict[str, list[bytes]], concurrencies: list[int], count: int) -> list[Result]:
     results = []
     with tempfile.TemporaryDirectory(prefix="gs-bench-") as work:
         store = Path(work) / "store"

@@ -39,6 +39,18 @@ def sample_input(model: str) -> str:
         return "<an image file>"
 
 
+def bench_bodies(model: str) -> list[bytes]:
+    """What the benchmark sends: held-out tweets for text models, the sample image otherwise."""
+    if model.endswith("_sentiment") or model.endswith("_fill_mask"):
+        from graviton_serve.demo_text import tweets
+
+        texts = [text for text, _ in tweets()[1][:200]]
+        if model.endswith("_fill_mask"):
+            texts = [" ".join(text.split()[:-1] + ["[MASK]"]) for text in texts]  # the last word masked
+        return [text.encode("utf-8") for text in texts]
+    return [Path(sample_input(model)).read_bytes()]
+
+
 def call_lines(server: TorchServe, name: str) -> list[str]:
     """One curl line and one gRPC line for a model."""
     url = server.url("inference", f"predictions/{name}")
@@ -49,6 +61,11 @@ def call_lines(server: TorchServe, name: str) -> list[str]:
                 f"    {grpc} --text '{text}'"]
     sample = sample_input(name)
     return [f"    curl -X POST {url} -H \"Authorization: Bearer $KEY\" -T {sample}", f"    {grpc} {sample}"]
+
+
+def setup() -> None:
+    say(f"java: {find_java_home()}")
+    say(f"gRPC stubs: {ensure_stubs()}")
 
 
 def archive_label(archive: Path) -> str:
@@ -141,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             build_demo_store(args.store, args.models or None, force=args.force)
         elif args.command == "bench":
             archives = build_demo_store(MODEL_STORE, args.models)
-            bodies = {name: Path(sample_input(name)).read_bytes() for name in args.models}
+            bodies = {name: bench_bodies(name) for name in args.models}
             benchmark(archives, bodies, args.concurrency, args.requests)
         elif args.command == "build-text":
             build_text_archive(args.name, args.task, args.source, args.store)
