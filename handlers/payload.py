@@ -17,6 +17,8 @@ from typing import Any, Callable, TypeVar
 from handlers.errors import BadInput
 
 BODY_KEYS = ("body", "data")
+# Multipart part names that carry the content when neither "body" nor "data" is sent.
+CONTENT_PART_NAMES = ("image", "file", "text", "inputs")
 
 T = TypeVar("T")
 
@@ -32,13 +34,11 @@ class Payload:
     @classmethod
     def from_request(cls, request: dict, headers: dict | None = None) -> "Payload":
         headers = headers or {}
-        body_key = next((k for k in BODY_KEYS if k in request), None)
+        body_key = next((k for k in BODY_KEYS + CONTENT_PART_NAMES if k in request), None)
+        if body_key is None and len(request) == 1:
+            body_key = next(iter(request))  # a single multipart part under any name is the content
         fields = {k: v for k, v in request.items() if k != body_key}
         body = request.get(body_key) if body_key else None
-        if body_key is None and len(fields) == 1:
-            # A single multipart part under any name (curl -F "file=@x.png") is the body.
-            body_key, body = next(iter(fields.items()))
-            fields = {}
         content_type = ""
         part_headers = headers.get(body_key) if body_key else None
         if isinstance(part_headers, dict):

@@ -24,7 +24,9 @@ def test_raw_bytes_base64_text_json_and_data_url_give_the_same_bytes():
     assert Payload.from_request({"body": encoded.encode()}).binary("image") == PNG
     assert Payload.from_request({"body": {"image": encoded}}).binary("image") == PNG
     assert Payload.from_request({"body": {"image": "data:image/png;base64," + encoded}}).binary("image") == PNG
-    assert Payload.from_request({"file": PNG}).binary("image") == PNG  # a lone multipart part
+    assert Payload.from_request({"upload": PNG}).binary("image") == PNG  # a lone multipart part
+    with_option = Payload.from_request({"image": PNG, "top_k": "3"})  # curl -F image=@x.png -F top_k=3
+    assert with_option.binary("image") == PNG and with_option.option("top_k", positive_int(10), 5) == 3
 
 
 def test_malformed_json_is_a_bad_input_naming_the_problem():
