@@ -65,6 +65,15 @@ class ModelHandler:
         """One output -> a JSON-serialisable response."""
         raise NotImplementedError
 
+    def check_payloads(self) -> list[Payload]:
+        """The model's own check inputs for the bf16 accuracy guard (none: bf16 is never used)."""
+        return []
+
+
+# Keys every model accepts under ``handler:``, beside its own.
+CORE_SETTINGS = {"precision": Setting("auto", tuning.precision_name)}
+GUARD_AGREEMENT = 0.99  # bf16 top-1 must match fp32 on at least this share of check outputs
+
 
 def read_settings(model_yaml_config: dict | None, accepted: dict[str, Setting]) -> dict:
     """The ``handler:`` section of model-config.yaml, validated; every error names its key."""
@@ -112,12 +121,16 @@ class Worker:
         self.handler = handler
         self.model_name = context.model_name
         self.model_dir = Path(properties["model_dir"])
-        self.settings = read_settings(getattr(context, "model_yaml_config", None), handler.settings)
+        self.settings = read_settings(getattr(context, "model_yaml_config", None), {**CORE_SETTINGS, **handler.settings})
         self.device = _device(context)
-        self.threads = tuning.configure_threads(self.model_name, self.device)
+        decided = tuning.configure(self.model_name, self.device, self.settings["precision"])
         model_info = (context.manifest or {}).get("model", {})
         model = handler.load(self.model_dir, model_info.get("serializedFile"), self.settings)
         self.model = model.to(self.device).eval()
+        self.precision = "fp32"
+        if decided.precision == "bf16":
+            self.precision, why = self._bf16_guard()
+            log.info("%s: tuning: precision=%s (%s)", self.model_name, self.precision, why)
         metadata_path = self.model_dir / METADATA_FILE
         self.metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
 
@@ -168,9 +181,27 @@ class Worker:
         except Exception as error:  # noqa: BLE001 - a failed forward fails its batch, nothing more
             return {index: error for index in items}
 
-    def _forward(self, items: list) -> list:
+    def _bf16_guard(self) -> tuple[str, str]:
+        """bf16 if the model's check inputs give the same top-1 as fp32, else fp32."""
+        items = [self.handler.decode(payload) for payload in self.handler.check_payloads()]
+        if not items:
+            return "fp32", "bf16 refused: the model has no check inputs for the accuracy guard"
+        reference = self._forward(items, "fp32")
+        candidate = self._forward(items, "bf16")
+        agree = total = 0
+        for expected, got in zip(reference, candidate):
+            for a, b in zip(_tensors(expected), _tensors(got)):
+                same = a.argmax(-1) == b.argmax(-1)
+                agree, total = agree + int(same.sum()), total + same.numel()
+        share = agree / max(1, total)
+        if share >= GUARD_AGREEMENT:
+            return "bf16", f"accuracy guard passed: bf16 top-1 agrees with fp32 on {share:.1%} of {total} check outputs"
+        return "fp32", f"accuracy guard failed: bf16 top-1 agrees with fp32 on only {share:.1%} of {total}; using fp32"
+
+    def _forward(self, items: list, precision: str | None = None) -> list:
         batch = _to_device(self.handler.collate(items), self.device)
-        with torch.inference_mode():
+        bf16 = (precision or self.precision) == "bf16"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             outputs = self.handler.forward(self.model, batch)
         rows = self.handler.split(outputs, len(items))
         if len(rows) != len(items):
@@ -187,6 +218,16 @@ class Worker:
         context.set_response_status(body["code"], body["type"], index)
         context.set_response_content_type(index, "application/json")
         return json.dumps(body)
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [tensor for value in output for tensor in _tensors(value)]
+    if isinstance(output, dict):
+        return [tensor for value in output.values() for tensor in _tensors(value)]
+    return []
 
 
 def _headers(context: Any, index: int) -> dict:

@@ -7,8 +7,10 @@ categories, and how one decoded image becomes a tensor.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -50,6 +52,16 @@ class ImageClassifier(ModelHandler):
         image = open_image(payload.binary("image"), self.max_pixels)
         return ImageItem(self.image_to_tensor(image), top_k)
 
+    def check_payloads(self) -> list[Payload]:
+        """Deterministic images for the bf16 guard: smooth gradients and seeded noise, 3 sizes."""
+        rng = np.random.default_rng(0)
+        images = []
+        for side in (32, 96, 256):
+            ramp = np.linspace(0, 255, side, dtype=np.float32)
+            images.append(np.stack([np.add.outer(ramp, ramp) / 2, np.outer(ramp, np.ones(side)), 255 - ramp[None].repeat(side, 0)], -1))
+            images.append(rng.integers(0, 256, (side, side, 3)))
+        return [Payload(body=_png(pixels.astype(np.uint8))) for pixels in images]
+
     def split(self, outputs: torch.Tensor, count: int) -> list:
         # One softmax for the whole batch, in fp32 whatever precision the forward ran in.
         return list(torch.softmax(outputs.float(), dim=-1).cpu().unbind(0))
@@ -61,3 +73,9 @@ class ImageClassifier(ModelHandler):
             self.categories[int(index)]: round(float(p), 6)
             for p, index in zip(top.values.tolist(), top.indices.tolist())
         }
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -115,6 +115,18 @@ class TextHandler(ModelHandler):
             raise BadInput("the text is empty; send some text")
         return text
 
+    def check_payloads(self) -> list[Payload]:
+        """Fixed sentences for the bf16 guard."""
+        if self.task == "fill-mask":
+            texts = ["The capital of France is [MASK].", "I [MASK] riding in self-driving cars.",
+                     "She went to the [MASK] to buy some bread.", "The [MASK] was late again this morning.",
+                     "We need more [MASK] on the roads.", "This is the [MASK] day of my life!"]
+        else:
+            texts = ["I love this, it is wonderful!", "This is the worst thing that ever happened.",
+                     "The car drove itself to the store.", "Not sure how I feel about autonomous vehicles.",
+                     "Terrible service, never again.", "What a great day for a drive!"]
+        return [Payload(body=text, content_type="text/plain") for text in texts]
+
     # -- the batch ------------------------------------------------------------------------------
 
     def collate(self, items: list[TextItem]) -> dict:

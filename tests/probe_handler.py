@@ -47,3 +47,34 @@ class ProbeHandler(ModelHandler):
 
 
 handle = entry_point(ProbeHandler)
+
+
+class Bf16SensitiveProbe(ProbeHandler):
+    """Answers differently under bf16 autocast, so the accuracy guard must refuse bf16."""
+
+    def check_payloads(self):
+        from handlers.payload import Payload
+
+        return [Payload(body=b"1"), Payload(body=b"2")]
+
+    def forward(self, model, batch):
+        flipped = torch.is_autocast_enabled("cpu")
+        rows = torch.stack([batch, -batch], dim=1) if not flipped else torch.stack([-batch, batch], dim=1)
+        return rows
+
+    def split(self, outputs, count):
+        return list(outputs.unbind(0))
+
+    def encode(self, output, item):
+        return {"top": int(output.argmax())}
+
+
+class Bf16StableProbe(Bf16SensitiveProbe):
+    """Same answer in bf16 and fp32: the guard lets bf16 through."""
+
+    def forward(self, model, batch):
+        return torch.stack([batch, -batch], dim=1)
+
+
+sensitive = entry_point(Bf16SensitiveProbe)
+stable = entry_point(Bf16StableProbe)

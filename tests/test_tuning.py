@@ -1,0 +1,100 @@
+"""Worker-init tuning decisions from faked CPU descriptions, and the bf16 accuracy guard."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from graviton_serve.paths import HANDLERS_DIR
+from handlers import tuning
+from handlers.core import CORE_SETTINGS, read_settings
+from handlers.tuning import CpuFeatures, cgroup_cpu_limit, decide_precision, decide_threads, usable_cpus
+from tests.conftest import TESTS
+from tests.inprocess import load_service, predict, request
+
+CPU = torch.device("cpu")
+ZEN4 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"
+ZEN3 = "processor\t: 0\nflags\t\t: fpu sse avx2 fma\n"
+
+
+def test_x86_bf16_comes_from_cpuinfo_flags():
+    assert CpuFeatures.from_cpuinfo("x86_64", ZEN4).bf16
+    assert not CpuFeatures.from_cpuinfo("x86_64", ZEN3).bf16
+    assert "no avx512_bf16" in CpuFeatures.from_cpuinfo("x86_64", ZEN3).evidence
+
+
+def test_aarch64_bf16_comes_from_hwcap2():
+    graviton3 = CpuFeatures.from_hwcap2("aarch64", tuning.HWCAP2_BF16 | 0b11)
+    graviton2 = CpuFeatures.from_hwcap2("aarch64", 0b11)
+    assert graviton3.bf16 and "HWCAP2_BF16 set" in graviton3.evidence
+    assert not graviton2.bf16
+    assert not CpuFeatures.from_hwcap2("aarch64", None).bf16
+
+
+@pytest.mark.parametrize("requested, features, device, expected", [
+    ("auto", CpuFeatures("aarch64", True, "HWCAP2_BF16 set"), CPU, "bf16"),
+    ("auto", CpuFeatures("aarch64", False, "HWCAP2_BF16 clear"), CPU, "fp32"),
+    ("auto", CpuFeatures("x86_64", True, "avx512_bf16"), CPU, "bf16"),
+    ("auto", CpuFeatures("x86_64", False, "no avx512_bf16/amx_bf16"), CPU, "fp32"),
+    ("fp32", CpuFeatures("x86_64", True, "avx512_bf16"), CPU, "fp32"),
+    ("bf16", CpuFeatures("x86_64", False, "none"), CPU, "bf16"),
+    ("auto", CpuFeatures("x86_64", True, "avx512_bf16"), torch.device("cuda", 0), "fp32"),
+])
+def test_precision_decision(requested, features, device, expected):
+    precision, reason = decide_precision(requested, device, features)
+    assert precision == expected and reason
+
+
+def test_threads_follow_affinity_and_cgroup_quota():
+    assert usable_cpus(affinity=64, quota=2.0) == 2  # a 2-CPU container on a 64-core host
+    assert usable_cpus(affinity=64, quota=1.5) == 2
+    assert usable_cpus(affinity=2, quota=8.0) == 2
+    assert usable_cpus(affinity=64, quota=None) == 64
+    assert decide_threads({"OMP_NUM_THREADS": "3"}, cpus=64) == (3, "OMP_NUM_THREADS")
+    assert decide_threads({}, cpus=2)[0] == 2
+
+
+def test_cgroup_quota_v2_and_v1(tmp_path):
+    (tmp_path / "cpu.max").write_text("200000 100000\n")
+    assert cgroup_cpu_limit(str(tmp_path)) == 2.0
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(str(tmp_path)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(str(v1)) == 1.5
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_limit(str(v1)) is None
+
+
+def test_unknown_precision_is_named():
+    with pytest.raises(ValueError, match=r"handler\.precision"):
+        read_settings({"handler": {"precision": "fp16"}}, CORE_SETTINGS)
+
+
+def probe_service(tmp_path, entry: str, precision: str):
+    shutil.copytree(HANDLERS_DIR, tmp_path / "handlers", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(TESTS / "probe_handler.py", tmp_path)
+    (tmp_path / "MAR-INF").mkdir()
+    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump({"handler": {"precision": precision}}))
+    (tmp_path / "MAR-INF" / "MANIFEST.json").write_text(
+        '{"model": {"modelName": "probe", "handler": "probe_handler.py", "configFile": "model-config.yaml"}}')
+    return load_service(tmp_path, f"probe_handler.py:{entry}", name="probe")
+
+
+def test_guard_refuses_bf16_that_changes_answers(tmp_path):
+    service = probe_service(tmp_path, "sensitive", "bf16")
+    assert getattr(service._entry_point, "worker").precision == "fp32"
+    (reply,) = predict(service, [request(b"5")])
+    assert reply.json() == {"top": 0}  # the fp32 answer
+
+
+def test_guard_lets_stable_bf16_through_and_it_is_used(tmp_path):
+    service = probe_service(tmp_path, "stable", "bf16")
+    assert service._entry_point.worker.precision == "bf16"
+    (reply,) = predict(service, [request(b"5")])
+    assert reply.status == 200 and reply.json() == {"top": 0}
