@@ -68,7 +68,7 @@ def text_model_config(task: str) -> dict:
     return model_config({"task": task, "top_k": 5, "max_masks": 5, "max_text_bytes": 65_536})
 
 
-TEXT_SOURCES = ("graviton_serve/demo_text.py", "handlers/text.py")
+TEXT_SOURCES = ("graviton_serve/demo_text.py",)  # training does not use the handler
 TEXT_DEMOS = {
     "bert_sentiment": ("sentiment", demo_text.bert_sentiment),
     "roberta_sentiment": ("sentiment", demo_text.roberta_sentiment),

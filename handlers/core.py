@@ -21,7 +21,7 @@ import torch
 
 from handlers import tuning
 from handlers.errors import RequestError, error_body
-from handlers.payload import Payload
+from handlers.payload import Payload, one_of
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ModelHandler:
 
 
 # Keys every model accepts under ``handler:``, beside its own.
-CORE_SETTINGS = {"precision": Setting("auto", tuning.precision_name)}
+CORE_SETTINGS = {"precision": Setting("auto", one_of(*tuning.PRECISIONS))}
 GUARD_AGREEMENT = 0.99  # bf16 top-1 must match fp32 on at least this share of check outputs
 
 

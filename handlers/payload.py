@@ -155,3 +155,14 @@ def positive_int(maximum: int) -> Callable[[Any], int]:
         return value
 
     return parse
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    """A parser for options that take one of a few names."""
+
+    def parse(raw: Any) -> str:
+        if raw not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+        return str(raw)
+
+    return parse

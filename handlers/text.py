@@ -21,17 +21,11 @@ from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassificatio
 
 from handlers.core import ModelHandler, Setting, entry_point
 from handlers.errors import BadInput, PayloadTooLarge
-from handlers.payload import Payload, positive_int
+from handlers.payload import Payload, one_of, positive_int
 
 TASKS = ("sentiment", "fill-mask")
 MASK_SPELLINGS = ("[MASK]", "<mask>")  # BERT's and RoBERTa's; either works with either family
 TEXT_KEYS = ("text", "inputs")
-
-
-def task_name(raw: object) -> str:
-    if raw not in TASKS:
-        raise ValueError(f"expected one of {', '.join(TASKS)}, got {raw!r}")
-    return str(raw)
 
 
 @dataclass(frozen=True)
@@ -44,7 +38,7 @@ class TextItem:
 
 class TextHandler(ModelHandler):
     settings = {
-        "task": Setting("sentiment", task_name),
+        "task": Setting("sentiment", one_of(*TASKS)),
         "max_text_bytes": Setting(65_536, positive_int(10_000_000)),
         "top_k": Setting(5, positive_int(100)),
         "max_masks": Setting(5, positive_int(50)),

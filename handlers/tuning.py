@@ -29,12 +29,6 @@ HWCAP2_BF16 = 1 << 14
 X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def precision_name(raw: object) -> str:
-    if raw not in PRECISIONS:
-        raise ValueError(f"expected one of {', '.join(PRECISIONS)}, got {raw!r}")
-    return str(raw)
-
-
 @dataclass(frozen=True)
 class CpuFeatures:
     machine: str  # "x86_64", "aarch64", ...
