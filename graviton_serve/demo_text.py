@@ -216,6 +216,7 @@ def fill_mask_accuracy(encoder: nn.Module, head: nn.Module, tokenizer, texts: li
 # -- BERT -----------------------------------------------------------------------------------------
 
 def bert_sentiment(folder: Path) -> dict:
+    torch.manual_seed(SEED)  # new heads are initialised from torch's RNG: same figures every build
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     model = BertForSequenceClassification.from_pretrained(
         minilm_dir(), num_labels=3, id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)}
@@ -225,6 +226,7 @@ def bert_sentiment(folder: Path) -> dict:
 
 
 def bert_fill_mask(folder: Path) -> dict:
+    torch.manual_seed(SEED)  # new heads are initialised from torch's RNG: same figures every build
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     model = BertForMaskedLM.from_pretrained(minilm_dir())  # decoder tied to the real word embeddings
     metadata = _fill_mask(model, tokenizer, "bert_fill_mask", folder, model.bert, model.cls)
@@ -282,6 +284,7 @@ def _transferred_roberta(model_class, tokenizer: RobertaTokenizerFast, **config)
 
 
 def roberta_sentiment(folder: Path) -> dict:
+    torch.manual_seed(SEED)  # new heads are initialised from torch's RNG: same figures every build
     tokenizer = roberta_tokenizer()
     model = _transferred_roberta(
         RobertaForSequenceClassification, tokenizer, num_labels=3,
@@ -292,6 +295,7 @@ def roberta_sentiment(folder: Path) -> dict:
 
 
 def roberta_fill_mask(folder: Path) -> dict:
+    torch.manual_seed(SEED)  # new heads are initialised from torch's RNG: same figures every build
     tokenizer = roberta_tokenizer()
     model = _transferred_roberta(RobertaForMaskedLM, tokenizer)
     model.tie_weights()
