@@ -10,12 +10,11 @@ import json
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
-
-from functools import partial
 
 from graviton_serve import demo_mnist, demo_text, demo_vision
 from graviton_serve.archive import ArchiveSpec, build_archive, handler_sources, source_digest

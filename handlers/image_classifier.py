@@ -36,10 +36,6 @@ class ImageClassifier(ModelHandler):
 
     categories: list[str] = []
 
-    def __init__(self) -> None:
-        self.default_top_k = 5
-        self.max_pixels = 16_777_216
-
     def configure(self, settings: dict) -> None:
         self.default_top_k = settings["top_k"]
         self.max_pixels = settings["max_image_pixels"]

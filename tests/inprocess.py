@@ -29,6 +29,27 @@ class Reply:
         return json.loads(self.body)
 
 
+def load_model_dir(folder: Path, handler_file: Path, name: str, model_config: dict,
+                   serialized_file: str | None = None):
+    """Lay ``folder`` out as TorchServe unpacks a .mar (handler at the top, the handlers package
+    beside it, model-config.yaml, manifest) and load it through TorchServe's loader."""
+    import shutil
+
+    import yaml
+
+    from graviton_serve.paths import HANDLERS_DIR
+
+    shutil.copytree(HANDLERS_DIR, folder / "handlers", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(handler_file, folder)
+    (folder / "model-config.yaml").write_text(yaml.safe_dump(model_config))
+    model = {"modelName": name, "handler": handler_file.name, "configFile": "model-config.yaml"}
+    if serialized_file:
+        model["serializedFile"] = serialized_file
+    (folder / "MAR-INF").mkdir()
+    (folder / "MAR-INF" / "MANIFEST.json").write_text(json.dumps({"model": model}))
+    return folder
+
+
 def load_service(model_dir: Path, handler: str, name: str = "model", batch_size: int = 8):
     model_dir = str(model_dir)
     if model_dir not in sys.path:

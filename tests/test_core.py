@@ -3,30 +3,20 @@ length invariant, the error table, settings validation and gRPC stream marking."
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-import yaml
 
-from graviton_serve.paths import HANDLERS_DIR
 from handlers.core import Setting, read_settings
 from handlers.errors import BadInput, PayloadTooLarge, error_body, status_for
 from handlers.payload import positive_int
 from tests.conftest import TESTS
-from tests.inprocess import load_service, predict, request
+from tests.inprocess import load_model_dir, load_service, predict, request
 
 
 @pytest.fixture
 def probe(tmp_path):
-    """A model dir laid out like an unpacked .mar, holding the probe handler and the core."""
-    shutil.copytree(HANDLERS_DIR, tmp_path / "handlers", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(TESTS / "probe_handler.py", tmp_path)
-    (tmp_path / "MAR-INF").mkdir()
-    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump({"batchSize": 8, "handler": {"scale": 3}}))
-    (tmp_path / "MAR-INF" / "MANIFEST.json").write_text(
-        '{"model": {"modelName": "probe", "handler": "probe_handler.py", "configFile": "model-config.yaml"}}'
-    )
+    """The probe handler and the core, laid out like an unpacked .mar."""
+    load_model_dir(tmp_path, TESTS / "probe_handler.py", "probe", {"batchSize": 8, "handler": {"scale": 3}})
     return load_service(tmp_path, "probe_handler.py", name="probe")
 
 

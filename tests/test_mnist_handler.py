@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import json
 
-import numpy as np
 import pytest
 
 from graviton_serve.demo_mnist import split_digits

