@@ -23,6 +23,7 @@ import psutil
 import requests
 
 from graviton_serve.java import find_java_home
+from handlers.launch import launch_environment
 
 # Keys TorchServe 0.12's ConfigManager reads; anything else in a config file is a typo.
 KNOWN_KEYS = frozenset("""
@@ -189,7 +190,10 @@ class TorchServe:
             return False
 
     def environment(self) -> dict[str, str]:
-        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+        env = launch_environment(
+            {key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
+            core_lock_dir=str(self.run_dir / "cores"),
+        )
         env.update(
             JAVA_HOME=str(find_java_home()),
             TMPDIR=str(self.tmp_dir),

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +23,7 @@ import torch
 
 from handlers import tuning
 from handlers.errors import RequestError, error_body
-from handlers.payload import Payload, one_of
+from handlers.payload import Payload, one_of, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +68,33 @@ class ModelHandler:
         raise NotImplementedError
 
     def check_payloads(self) -> list[Payload]:
-        """The model's own check inputs for the bf16 accuracy guard (none: bf16 is never used)."""
+        """The model's own check inputs: for the reduced-precision accuracy guard and to warm up a
+        compiled model (none: neither is used)."""
         return []
 
 
+def parse_compile(value: Any) -> str:
+    """``handler.compile``: "off", or a torch.compile backend by name (e.g. "inductor")."""
+    if value in (False, None, "off"):
+        return "off"
+    import torch._dynamo  # only when asked: it is slow to import
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if value not in backends:
+        raise ValueError(f"expected 'off' or a torch.compile backend ({', '.join(torch._dynamo.list_backends())}), got {value!r}")
+    return str(value)
+
+
 # Keys every model accepts under ``handler:``, beside its own.
-CORE_SETTINGS = {"precision": Setting("auto", one_of(*tuning.PRECISIONS))}
-GUARD_AGREEMENT = 0.99  # bf16 top-1 must match fp32 on at least this share of check outputs
+CORE_SETTINGS = {
+    "precision": Setting("auto", one_of(*tuning.PRECISIONS)),
+    "cores": Setting("shared", tuning.parse_cores),
+    "compile": Setting("off", parse_compile),
+    # Compiling must end well inside TorchServe's startup timeout (default 120 s), or eager it is.
+    "compile_timeout_s": Setting(90, positive_int(3600)),
+}
+GUARD_AGREEMENT = 0.99  # reduced-precision top-1 must match fp32 on at least this share of check outputs
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def read_settings(model_yaml_config: dict | None, accepted: dict[str, Setting]) -> dict:
@@ -105,6 +127,9 @@ def _device(context: Any) -> torch.device:
 
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu":
+            # Page-locked memory lets the copy run asynchronously (non_blocking needs it).
+            return batch.pin_memory().to(device, non_blocking=True)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {key: _to_device(value, device) for key, value in batch.items()}
@@ -123,14 +148,19 @@ class Worker:
         self.model_dir = Path(properties["model_dir"])
         self.settings = read_settings(getattr(context, "model_yaml_config", None), {**CORE_SETTINGS, **handler.settings})
         self.device = _device(context)
-        decided = tuning.configure(self.model_name, self.device, self.settings["precision"])
+        workers = int((getattr(context, "model_yaml_config", None) or {}).get("minWorkers", 1) or 1)
+        self.tuning = tuning.configure(self.model_name, self.device, self.settings["precision"],
+                                       self.settings["cores"], workers)
         model_info = (context.manifest or {}).get("model", {})
         model = handler.load(self.model_dir, model_info.get("serializedFile"), self.settings)
         self.model = model.to(self.device).eval()
+        self.runner = self.model  # what forwards run: the model, or its compiled form
         self.precision = "fp32"
-        if decided.precision == "bf16":
-            self.precision, why = self._bf16_guard()
+        if self.tuning.precision != "fp32":
+            self.precision, why = self._precision_guard(self.tuning.precision)
             log.info("%s: tuning: precision=%s (%s)", self.model_name, self.precision, why)
+        if self.settings["compile"] != "off":
+            self._compile(self.settings["compile"], self.settings["compile_timeout_s"])
         metadata_path = self.model_dir / METADATA_FILE
         self.metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
 
@@ -171,6 +201,8 @@ class Worker:
         try:
             return dict(zip(items, self._forward(list(items.values()))))
         except (MemoryError, torch.OutOfMemoryError) as error:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # give back what the failed batch left cached
             if len(items) == 1:
                 return {index: error for index in items}
             log.warning("%s: out of memory on a batch of %d; retrying one by one", self.model_name, len(items))
@@ -181,13 +213,14 @@ class Worker:
         except Exception as error:  # noqa: BLE001 - a failed forward fails its batch, nothing more
             return {index: error for index in items}
 
-    def _bf16_guard(self) -> tuple[str, str]:
-        """bf16 if the model's check inputs give the same top-1 as fp32, else fp32."""
+    def _precision_guard(self, candidate_precision: str) -> tuple[str, str]:
+        """The reduced precision if the model's check inputs keep their fp32 top-1, else fp32."""
+        name = candidate_precision
         items = [self.handler.decode(payload) for payload in self.handler.check_payloads()]
         if not items:
-            return "fp32", "bf16 refused: the model has no check inputs for the accuracy guard"
+            return "fp32", f"{name} refused: the model has no check inputs for the accuracy guard"
         reference = self._forward(items, "fp32")
-        candidate = self._forward(items, "bf16")
+        candidate = self._forward(items, name)
         agree = total = 0
         for expected, got in zip(reference, candidate):
             for a, b in zip(_tensors(expected), _tensors(got)):
@@ -195,14 +228,52 @@ class Worker:
                 agree, total = agree + int(same.sum()), total + same.numel()
         share = agree / max(1, total)
         if share >= GUARD_AGREEMENT:
-            return "bf16", f"accuracy guard passed: bf16 top-1 agrees with fp32 on {share:.1%} of {total} check outputs"
-        return "fp32", f"accuracy guard failed: bf16 top-1 agrees with fp32 on only {share:.1%} of {total}; using fp32"
+            return name, f"accuracy guard passed: {name} top-1 agrees with fp32 on {share:.1%} of {total} check outputs"
+        return "fp32", f"accuracy guard failed: {name} top-1 agrees with fp32 on only {share:.1%} of {total}; using fp32"
 
-    def _forward(self, items: list, precision: str | None = None) -> list:
+    def _compile(self, backend: str, timeout_s: int) -> None:
+        """torch.compile, proven by a warm-up forward on the check inputs; any failure -> eager.
+
+        Compiling happens at init, not on a user's first request, and a failure (no triton, no
+        C++ compiler, a backend error, running past ``timeout_s``) costs one warning line, never
+        the worker.
+        """
+        items = [self.handler.decode(payload) for payload in self.handler.check_payloads()]
+        if not items:
+            log.warning("%s: tuning: compile=%s skipped: no check inputs to compile and prove it on; eager", self.model_name, backend)
+            return
+        self.runner = torch.compile(self.model, backend=backend)
+        try:
+            with _deadline(timeout_s):
+                self._forward(items, eager_on_compile_error=False)
+        except BaseException as error:  # noqa: BLE001 - any failure to compile means eager
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            self._fall_back_to_eager(f"compile={backend} failed at init ({_one_line(error)})")
+            return
+        log.info("%s: tuning: compile=%s (warm-up on %d check inputs passed)", self.model_name, backend, len(items))
+
+    def _fall_back_to_eager(self, why: str) -> None:
+        import torch._dynamo
+
+        self.runner = self.model
+        torch._dynamo.reset()
+        log.warning("%s: tuning: %s; running eager", self.model_name, why)
+
+    def _forward(self, items: list, precision: str | None = None, eager_on_compile_error: bool = True) -> list:
         batch = _to_device(self.handler.collate(items), self.device)
-        bf16 = (precision or self.precision) == "bf16"
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            outputs = self.handler.forward(self.model, batch)
+        dtype = AUTOCAST_DTYPES.get(precision or self.precision)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            try:
+                outputs = self.handler.forward(self.runner, batch)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:
+                if self.runner is self.model or not eager_on_compile_error or not _is_compile_error(error):
+                    raise
+                # A new input shape made the compiled model recompile, and that failed.
+                self._fall_back_to_eager(f"recompiling failed ({_one_line(error)})")
+                outputs = self.handler.forward(self.runner, batch)
         rows = self.handler.split(outputs, len(items))
         if len(rows) != len(items):
             raise RuntimeError(f"{type(self.handler).__name__}.split returned {len(rows)} rows for {len(items)} items")
@@ -218,6 +289,38 @@ class Worker:
         context.set_response_status(body["code"], body["type"], index)
         context.set_response_content_type(index, "application/json")
         return json.dumps(body)
+
+
+def _is_compile_error(error: BaseException) -> bool:
+    return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:240]}"
+
+
+class _deadline:
+    """Raise TimeoutError in this (main) thread after ``seconds``; elsewhere, no limit."""
+
+    def __init__(self, seconds: int):
+        self.seconds = seconds
+        self.armed = threading.current_thread() is threading.main_thread()
+
+    def _expired(self, signum, frame):
+        raise TimeoutError(f"took longer than {self.seconds}s")
+
+    def __enter__(self):
+        if self.armed:
+            self.previous = signal.signal(signal.SIGALRM, self._expired)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc):
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+        return False
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:

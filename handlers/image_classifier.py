@@ -49,7 +49,7 @@ class ImageClassifier(ModelHandler):
         return ImageItem(self.image_to_tensor(image), top_k)
 
     def check_payloads(self) -> list[Payload]:
-        """Deterministic images for the bf16 guard: smooth gradients and seeded noise, 3 sizes."""
+        """Deterministic images for the precision guard and compile warm-up: smooth gradients and seeded noise, 3 sizes."""
         rng = np.random.default_rng(0)
         images = []
         for side in (32, 96, 256):

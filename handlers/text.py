@@ -110,7 +110,7 @@ class TextHandler(ModelHandler):
         return text
 
     def check_payloads(self) -> list[Payload]:
-        """Fixed sentences for the bf16 guard."""
+        """Fixed sentences for the precision guard and compile warm-up."""
         if self.task == "fill-mask":
             texts = ["The capital of France is [MASK].", "I [MASK] riding in self-driving cars.",
                      "She went to the [MASK] to buy some bread.", "The [MASK] was late again this morning.",

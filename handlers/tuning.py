@@ -1,29 +1,41 @@
 """Worker-init tuning, run once per worker by the handler core, logged as one line.
 
 Decides, from what the kernel reports rather than from guesses:
-- threads: the CPUs this process may use (its affinity, narrowed by a cgroup CPU quota: a
-  container limited to 2 CPUs on a 64-core host gets 2 threads), unless OMP_NUM_THREADS says;
-- precision: bf16 only where the CPU has native bf16 (x86 ``avx512_bf16``/``amx_bf16`` flags in
+- cores: with ``handler.cores: N`` the worker claims N of the CPUs it may use for itself, by
+  holding a lock file per CPU (``GS_CORE_LOCK_DIR``, one folder per server). The kernel drops a
+  dead worker's locks, so the worker TorchServe starts in its place claims the freed cores and
+  the sets stay disjoint. With ``shared`` (the default) no core is claimed and the model's
+  workers split the CPUs between them;
+- threads: the claimed cores, or the CPUs this process may use (its affinity, narrowed by a
+  cgroup CPU quota: a container limited to 2 CPUs on a 64-core host gets 2) divided by the
+  model's worker count; OMP_NUM_THREADS overrides. Inter-op threads: 1;
+- precision: on the CPU, bf16 only where it is native (x86 ``avx512_bf16``/``amx_bf16`` flags in
   /proc/cpuinfo; aarch64 HWCAP2_BF16 from getauxval, since under qemu-user /proc/cpuinfo shows
-  the host), and only if the model's own check inputs give the same top-1 in bf16 as in fp32
-  (the core runs that guard).
+  the host). On CUDA, fp16 before compute capability 8.0 (T4G on G5g is 7.5), bf16 from 8.0.
+  Either way the core then checks that the model's own check inputs keep their top-1;
+- launch settings that must be in place before torch starts (the allocator and oneDNN's
+  primitive cache) are set by the launch path; the worker reports what it found.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import math
 import os
 import platform
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from handlers.launch import CORE_LOCK_DIR_VAR, LAUNCH_ENV
+
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AT_HWCAP2 = 26
 HWCAP2_BF16 = 1 << 14
 X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -90,33 +102,117 @@ def cgroup_cpu_limit(cgroup_root: str = "/sys/fs/cgroup") -> float | None:
     return None
 
 
+def allowed_cpus() -> list[int]:
+    """The CPU ids this process may run on (its affinity)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
 def usable_cpus(affinity: int | None = None, quota: float | None = None) -> int:
-    """CPUs this process may use: its affinity, narrowed by a cgroup quota (rounded up)."""
+    """How many CPUs this process may use: its affinity, narrowed by a cgroup quota (rounded up)."""
     if affinity is None:
-        try:
-            affinity = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            affinity = os.cpu_count() or 1
+        affinity = len(allowed_cpus())
     if quota is None:
         quota = cgroup_cpu_limit()
     limit = affinity if quota is None else min(affinity, max(1, math.ceil(quota)))
     return max(1, limit)
 
 
-def decide_threads(environ: dict[str, str] | None = None, cpus: int | None = None) -> tuple[int, str]:
+def parse_cores(value) -> int:
+    """``handler.cores``: "shared" (0) or how many cores each worker claims for itself."""
+    if value in ("shared", 0, "0"):
+        return 0
+    if isinstance(value, bool) or not str(value).isdigit():
+        raise ValueError(f"expected 'shared' or a whole number of cores, got {value!r}")
+    return int(value)
+
+
+class CoreClaim:
+    """Cores held by this worker for its lifetime: one exclusive lock file per CPU id.
+
+    flock locks belong to the open file, so they vanish with the process: a killed worker's
+    cores are free for the worker TorchServe starts in its place.
+    """
+
+    def __init__(self, cores: list[int], files: list):
+        self.cores = cores
+        self._files = files  # kept open: closing one would release its core
+
+    @classmethod
+    def take(cls, wanted: int, candidates: list[int], lock_dir: Path) -> "CoreClaim":
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        cores, files = [], []
+        for cpu in candidates:
+            if len(cores) == wanted:
+                break
+            handle = open(lock_dir / f"cpu{cpu}.lock", "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                continue
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            cores.append(cpu)
+            files.append(handle)
+        return cls(cores, files)
+
+    def release(self) -> None:
+        for handle in self._files:
+            handle.close()
+        self._files, self.cores = [], []
+
+
+def core_lock_dir(environ: dict[str, str] | None = None) -> Path:
+    """Where the workers of one server keep their core locks (the launch path sets it per server)."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get(CORE_LOCK_DIR_VAR) or Path(tempfile.gettempdir()) / f"graviton-serve-cores-{os.getuid()}")
+
+
+def pin_process(cores: list[int]) -> None:
+    """Pin every thread of this process (the affinity call is per thread on Linux)."""
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cores)
+        except OSError:  # a thread that has just exited
+            pass
+
+
+def decide_threads(environ: dict[str, str] | None = None, cpus: int | None = None, workers: int = 1) -> tuple[int, str]:
+    """Intra-op threads: OMP_NUM_THREADS if set, else this worker's share of the usable CPUs."""
     environ = os.environ if environ is None else environ
     from_env = environ.get("OMP_NUM_THREADS", "").strip()
     if from_env.isdigit() and int(from_env) > 0:
         return int(from_env), "OMP_NUM_THREADS"
-    return (cpus if cpus is not None else usable_cpus()), "CPUs this process may use (affinity and cgroup quota)"
+    cpus = usable_cpus() if cpus is None else cpus
+    if workers > 1:
+        return max(1, cpus // workers), f"{cpus} usable CPUs (affinity and cgroup quota) shared by {workers} workers"
+    return cpus, f"{cpus} usable CPUs (affinity and cgroup quota)"
 
 
-def decide_precision(requested: str, device: torch.device, features: CpuFeatures) -> tuple[str, str]:
-    """fp32 or bf16, and why. bf16 still has to pass the core's accuracy guard."""
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def decide_precision(requested: str, device: torch.device, features: CpuFeatures,
+                     capability: tuple[int, int] | None = None) -> tuple[str, str]:
+    """fp32, bf16 or fp16, and why. Reduced precision still has to pass the core's accuracy guard."""
     if requested == "fp32":
         return "fp32", "model-config asks for fp32"
-    if device.type != "cpu":
-        return "fp32", f"{device.type}: CPU precision rules do not apply"
+    if device.type == "cuda":
+        native = "bf16" if capability and capability >= (8, 0) else "fp16"
+        where = f"CUDA compute capability {capability[0]}.{capability[1]}" if capability else "CUDA"
+        if requested == "auto":
+            return native, f"{where}: {native} tensor cores"
+        if requested == "bf16" and native != "bf16":
+            return "fp16", f"{where} has no bf16; fp16 instead"
+        return requested, f"model-config asks for {requested}"
+    if requested == "fp16":
+        return "fp32", "fp16 is for CUDA; the CPU runs fp32"
     if requested == "bf16":
         return "bf16", "model-config asks for bf16" + ("" if features.bf16 else f" (no native bf16: {features.evidence})")
     if features.bf16:
@@ -124,18 +220,47 @@ def decide_precision(requested: str, device: torch.device, features: CpuFeatures
     return "fp32", f"no native bf16 ({features.evidence})"
 
 
-@dataclass(frozen=True)
+def launch_env_report(environ: dict[str, str] | None = None) -> str:
+    environ = os.environ if environ is None else environ
+    found = [f"{key}={environ[key]}" for key in (*LAUNCH_ENV, "DNNL_DEFAULT_FPMATH_MODE") if key in environ]
+    missing = [key for key in LAUNCH_ENV if key not in environ]
+    return "launch env " + (" ".join(found) or "none") + (f" (not set: {', '.join(missing)})" if missing else "")
+
+
+@dataclass
 class Tuning:
     threads: int
     precision: str
+    cores: list[int]
+    claim: CoreClaim | None
     reason: str
 
 
-def configure(model_name: str, device: torch.device, requested_precision: str) -> Tuning:
-    """Set torch's threads once and decide the precision; log the decision and its reasons."""
-    threads, thread_reason = decide_threads()
+def configure(model_name: str, device: torch.device, requested_precision: str, cores_wanted: int = 0,
+              workers: int = 1) -> Tuning:
+    """Claim cores, set torch's threads once and decide the precision; log it all as one line."""
+    claim = None
+    if cores_wanted and device.type == "cpu":
+        usable = allowed_cpus()[: usable_cpus()]
+        claim = CoreClaim.take(cores_wanted, usable, core_lock_dir())
+        if claim.cores:
+            pin_process(claim.cores)
+            threads, thread_reason = decide_threads(cpus=len(claim.cores))
+            thread_reason = (f"pinned to cores {claim.cores}" + ("" if len(claim.cores) == cores_wanted
+                             else f", {cores_wanted} asked but only {len(claim.cores)} free") + f"; threads from {thread_reason}")
+        else:
+            threads, thread_reason = decide_threads(workers=workers)
+            thread_reason = f"no free core of {usable} to claim, sharing; threads from {thread_reason}"
+    else:
+        threads, thread_reason = decide_threads(workers=workers)
     torch.set_num_threads(threads)
-    precision, precision_reason = decide_precision(requested_precision, device, CpuFeatures.detect())
-    reason = f"threads={threads} (from {thread_reason}); precision={precision} ({precision_reason})"
+    try:
+        torch.set_num_interop_threads(1)
+        interop = "inter-op 1"
+    except RuntimeError:  # the inter-op pool already started: too late to size it
+        interop = f"inter-op {torch.get_num_interop_threads()} (already started)"
+    precision, precision_reason = decide_precision(requested_precision, device, CpuFeatures.detect(), cuda_capability(device))
+    reason = (f"threads={threads} {interop} ({thread_reason}); precision={precision} ({precision_reason}); "
+              f"{launch_env_report()}")
     log.info("%s: tuning: device=%s %s", model_name, device, reason)
-    return Tuning(threads, precision, reason)
+    return Tuning(threads, precision, claim.cores if claim else [], claim, reason)

@@ -59,7 +59,7 @@ def test_a_batch_of_only_bad_items_never_calls_the_model(probe):
 
 
 def test_settings_come_from_model_config(probe):
-    assert worker_of(probe).settings == {"precision": "auto", "scale": 3}
+    assert worker_of(probe).settings == {"precision": "auto", "cores": 0, "compile": "off", "compile_timeout_s": 90, "scale": 3}
 
 
 def test_grpc_requests_are_marked_complete_and_http_requests_are_not(probe):

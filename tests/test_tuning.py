@@ -7,7 +7,9 @@ import torch
 
 from handlers import tuning
 from handlers.core import CORE_SETTINGS, read_settings
-from handlers.tuning import CpuFeatures, cgroup_cpu_limit, decide_precision, decide_threads, usable_cpus
+from handlers.launch import LAUNCH_ENV
+from handlers.tuning import (CoreClaim, CpuFeatures, cgroup_cpu_limit, decide_precision, decide_threads,
+                             launch_env_report, usable_cpus)
 from tests.conftest import TESTS
 from tests.inprocess import load_model_dir, load_service, predict, request
 
@@ -37,11 +39,26 @@ def test_aarch64_bf16_comes_from_hwcap2():
     ("auto", CpuFeatures("x86_64", False, "no avx512_bf16/amx_bf16"), CPU, "fp32"),
     ("fp32", CpuFeatures("x86_64", True, "avx512_bf16"), CPU, "fp32"),
     ("bf16", CpuFeatures("x86_64", False, "none"), CPU, "bf16"),
-    ("auto", CpuFeatures("x86_64", True, "avx512_bf16"), torch.device("cuda", 0), "fp32"),
+    ("fp16", CpuFeatures("x86_64", True, "avx512_bf16"), CPU, "fp32"),
 ])
-def test_precision_decision(requested, features, device, expected):
+def test_cpu_precision_decision(requested, features, device, expected):
     precision, reason = decide_precision(requested, device, features)
     assert precision == expected and reason
+
+
+@pytest.mark.parametrize("requested, capability, expected", [
+    ("auto", (7, 5), "fp16"),  # T4G on G5g: fp16 tensor cores, no bf16
+    ("auto", (8, 0), "bf16"),  # A100 and later
+    ("auto", (9, 0), "bf16"),
+    ("bf16", (7, 5), "fp16"),
+    ("fp16", (9, 0), "fp16"),
+    ("fp32", (7, 5), "fp32"),
+])
+def test_cuda_precision_follows_the_device(requested, capability, expected):
+    no_cpu_bf16 = CpuFeatures("aarch64", False, "HWCAP2_BF16 clear")  # Graviton2 host of a G5g
+    precision, reason = decide_precision(requested, torch.device("cuda", 0), no_cpu_bf16, capability)
+    assert precision == expected
+    assert f"{capability[0]}.{capability[1]}" in reason or requested != "auto"
 
 
 def test_threads_follow_affinity_and_cgroup_quota():
@@ -51,6 +68,34 @@ def test_threads_follow_affinity_and_cgroup_quota():
     assert usable_cpus(affinity=64, quota=None) == 64
     assert decide_threads({"OMP_NUM_THREADS": "3"}, cpus=64) == (3, "OMP_NUM_THREADS")
     assert decide_threads({}, cpus=2)[0] == 2
+    assert decide_threads({}, cpus=8, workers=2)[0] == 4  # workers x threads never exceed the CPUs
+    assert decide_threads({}, cpus=2, workers=4)[0] == 1
+
+
+def test_core_claims_are_disjoint_and_freed_with_their_holder(tmp_path):
+    first = CoreClaim.take(1, [0, 1, 2], tmp_path)
+    second = CoreClaim.take(2, [0, 1, 2], tmp_path)
+    assert first.cores == [0] and second.cores == [1, 2]
+    assert CoreClaim.take(1, [0, 1, 2], tmp_path).cores == []  # nothing left to claim
+    first.release()  # as the kernel does when a worker dies
+    assert CoreClaim.take(1, [0, 1, 2], tmp_path).cores == [0]
+
+
+@pytest.mark.parametrize("value, expected", [("shared", 0), (0, 0), (2, 2), ("4", 4)])
+def test_cores_setting(value, expected):
+    assert read_settings({"handler": {"cores": value}}, CORE_SETTINGS)["cores"] == expected
+
+
+@pytest.mark.parametrize("value", ["all", -1, 1.5, True])
+def test_bad_cores_setting_is_named(value):
+    with pytest.raises(ValueError, match=r"handler\.cores"):
+        read_settings({"handler": {"cores": value}}, CORE_SETTINGS)
+
+
+def test_launch_env_is_reported_not_guessed():
+    report = launch_env_report({"LRU_CACHE_CAPACITY": "1024"})
+    assert "LRU_CACHE_CAPACITY=1024" in report and "not set: THP_MEM_ALLOC_ENABLE" in report
+    assert "not set" not in launch_env_report({**LAUNCH_ENV})
 
 
 def test_cgroup_quota_v2_and_v1(tmp_path):
@@ -69,7 +114,7 @@ def test_cgroup_quota_v2_and_v1(tmp_path):
 
 def test_unknown_precision_is_named():
     with pytest.raises(ValueError, match=r"handler\.precision"):
-        read_settings({"handler": {"precision": "fp16"}}, CORE_SETTINGS)
+        read_settings({"handler": {"precision": "fp8"}}, CORE_SETTINGS)
 
 
 def probe_service(tmp_path, entry: str, precision: str):
