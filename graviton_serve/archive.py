@@ -64,7 +64,6 @@ def build_archive(spec: ArchiveSpec, export_dir: Path) -> Path:
     handler_file = HANDLERS_DIR / f"{spec.handler_module}.py"
     if not handler_file.exists():
         raise FileNotFoundError(f"no handler module {handler_file}")
-    export_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"gs-build-{spec.name}-") as work:
         work_dir = Path(work)
         extras = work_dir / "extras"
@@ -74,22 +73,29 @@ def build_archive(spec: ArchiveSpec, export_dir: Path) -> Path:
             (shutil.copytree if extra.is_dir() else shutil.copy2)(extra, extras / extra.name)
         config_file = work_dir / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
-        archiver_tmp = work_dir / "tmp"  # the archiver stages in $TMPDIR/<name>: keep builds apart
-        archiver_tmp.mkdir()
+        return run_archiver(spec.name, spec.weights, handler_file, export_dir, extras=extras, config_file=config_file)
+
+
+def run_archiver(name: str, serialized_file: Path, handler: Path | str, export_dir: Path, extras: Path | str | None = None,
+                 config_file: Path | None = None, model_file: Path | None = None) -> Path:
+    """torch-model-archiver into ``<export_dir>/<name>.mar``; ``handler`` is a file or a TorchServe
+    built-in handler name (the benchmark's stock references use ``image_classifier``)."""
+    export_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"gs-archiver-{name}-") as archiver_tmp:
         command = [
             str(Path(sys.executable).with_name("torch-model-archiver")),
-            "--model-name", spec.name,
+            "--model-name", name,
             "--version", "1.0",
-            "--serialized-file", str(spec.weights),
-            "--handler", str(handler_file),
-            "--extra-files", str(extras),
-            "--config-file", str(config_file),
+            "--serialized-file", str(serialized_file),
+            "--handler", str(handler),
             "--export-path", str(export_dir),
             "--force",
         ]
-        result = subprocess.run(
-            command, env={**os.environ, "TMPDIR": str(archiver_tmp)}, capture_output=True, text=True
-        )
+        for flag, value in (("--extra-files", extras), ("--config-file", config_file), ("--model-file", model_file)):
+            if value is not None:
+                command += [flag, str(value)]
+        # The archiver stages in $TMPDIR/<name>: keep builds apart.
+        result = subprocess.run(command, env={**os.environ, "TMPDIR": archiver_tmp}, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"torch-model-archiver failed for {spec.name}:\n{result.stdout}{result.stderr}")
-    return export_dir / f"{spec.name}.mar"
+            raise RuntimeError(f"torch-model-archiver failed for {name}:\n{result.stdout}{result.stderr}")
+    return export_dir / f"{name}.mar"

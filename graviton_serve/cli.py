@@ -16,10 +16,11 @@ import zipfile
 from pathlib import Path
 
 from graviton_serve.bench import benchmark
+from graviton_serve.bench_workloads import WORKLOADS, workloads
 from graviton_serve.demo_store import DEMO_MODELS, build_demo_store, build_text_archive, build_vision_archive
 from graviton_serve.grpc_client import ensure_stubs
 from graviton_serve.java import JavaNotFound, find_java_home
-from graviton_serve.paths import CONFIG_FILE, MODEL_STORE, RUN_DIR
+from graviton_serve.paths import CONFIG_FILE, MODEL_STORE, ROOT, RUN_DIR
 from graviton_serve.progress import say
 from graviton_serve.sample_data import photo
 from graviton_serve.server import ConfigError, ServerError, TorchServe
@@ -37,18 +38,6 @@ def sample_input(model: str) -> str:
         return str(photo("flower"))
     except FileNotFoundError:
         return "<an image file>"
-
-
-def bench_bodies(model: str) -> list[bytes]:
-    """What the benchmark sends: held-out tweets for text models, the sample image otherwise."""
-    if model.endswith("_sentiment") or model.endswith("_fill_mask"):
-        from graviton_serve.demo_text import tweets
-
-        texts = [text for text, _ in tweets()[1][:200]]
-        if model.endswith("_fill_mask"):
-            texts = [" ".join(text.split()[:-1] + ["[MASK]"]) for text in texts]  # the last word masked
-        return [text.encode("utf-8") for text in texts]
-    return [Path(sample_input(model)).read_bytes()]
 
 
 def call_lines(server: TorchServe, name: str) -> list[str]:
@@ -142,10 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     text.add_argument("--from", dest="source", required=True,
                       help="hub id (e.g. distilbert-base-uncased-finetuned-sst-2-english) or a folder with config + weights + tokenizer")
     text.add_argument("--store", type=Path, default=MODEL_STORE)
-    bench = commands.add_parser("bench", help="latency and throughput through a real TorchServe")
-    bench.add_argument("--models", nargs="+", default=list(DEMO_MODELS))
-    bench.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
-    bench.add_argument("--requests", type=int, default=40, help="requests per model and concurrency")
+    bench = commands.add_parser("bench", help="ours against stock TorchServe and the raw forward, through real servers")
+    bench.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    bench.add_argument("--concurrency", nargs="+", type=int, default=[1, 8], help="REST concurrencies (ours and stock)")
+    bench.add_argument("--grpc-concurrency", nargs="*", type=int, default=[8], help="gRPC concurrencies (ours)")
+    bench.add_argument("--requests", type=int, default=40, help="requests per workload, path and concurrency")
+    bench.add_argument("--no-stock", action="store_true", help="skip the stock TorchServe reference")
+    bench.add_argument("--no-limit", action="store_true", help="skip the raw-forward reference")
+    bench.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="where results.md, .json and the chart go")
     serve_parser = commands.add_parser("serve", help="serve every model of the model store")
     mode = serve_parser.add_mutually_exclusive_group()
     mode.add_argument("--stop", action="store_true", help="stop the server and wait until its processes exit")
@@ -157,9 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "build-store":
             build_demo_store(args.store, args.models or None, force=args.force)
         elif args.command == "bench":
-            archives = build_demo_store(MODEL_STORE, args.models)
-            bodies = {name: bench_bodies(name) for name in args.models}
-            benchmark(archives, bodies, args.concurrency, args.requests)
+            benchmark(workloads(args.workloads), args.concurrency, args.grpc_concurrency, args.requests, args.out,
+                      with_stock=not args.no_stock, with_limit=not args.no_limit)
         elif args.command == "build-text":
             build_text_archive(args.name, args.task, args.source, args.store)
         elif args.command == "build-vision":

@@ -45,7 +45,7 @@ def state_dict_maker(train: Callable[[], tuple[torch.nn.Module, dict]], filename
     return make
 
 
-def model_config(handler: dict, batch_size: int = 8, max_batch_delay_ms: int = 20, response_timeout_s: int = 120) -> dict:
+def model_config(handler: dict, batch_size: int = 8, max_batch_delay_ms: int = 5, response_timeout_s: int = 120) -> dict:
     """model-config.yaml: one worker per model (it uses every core), TorchServe batching, our handler section."""
     return {
         "minWorkers": 1,

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from handlers.launch import CORE_LOCK_DIR_VAR, LAUNCH_ENV
+from handlers.launch import CORE_LOCK_DIR_VAR, launch_settings
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +220,13 @@ def decide_precision(requested: str, device: torch.device, features: CpuFeatures
     return "fp32", f"no native bf16 ({features.evidence})"
 
 
-def launch_env_report(environ: dict[str, str] | None = None) -> str:
+def launch_env_report(environ: dict[str, str] | None = None, machine: str | None = None) -> str:
     environ = os.environ if environ is None else environ
-    found = [f"{key}={environ[key]}" for key in (*LAUNCH_ENV, "DNNL_DEFAULT_FPMATH_MODE") if key in environ]
-    missing = [key for key in LAUNCH_ENV if key not in environ]
-    return "launch env " + (" ".join(found) or "none") + (f" (not set: {', '.join(missing)})" if missing else "")
+    expected = launch_settings(machine)
+    found = [f"{key}={environ[key]}" for key in (*expected, "THP_MEM_ALLOC_ENABLE", "DNNL_DEFAULT_FPMATH_MODE")
+             if key in environ]
+    missing = [key for key in expected if key not in environ]
+    return "launch env " + (" ".join(dict.fromkeys(found)) or "none") + (f" (not set: {', '.join(missing)})" if missing else "")
 
 
 @dataclass

@@ -50,7 +50,7 @@ def load_model_dir(folder: Path, handler_file: Path, name: str, model_config: di
     return folder
 
 
-def load_service(model_dir: Path, handler: str, name: str = "model", batch_size: int = 8):
+def load_service(model_dir: Path, handler: str, name: str = "model", batch_size: int = 8, gpu_id: int | None = None):
     model_dir = str(model_dir)
     if model_dir not in sys.path:
         sys.path.insert(0, model_dir)
@@ -59,7 +59,7 @@ def load_service(model_dir: Path, handler: str, name: str = "model", batch_size:
     metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
     metrics.initialize_cache()
     service = ModelLoaderFactory.get_model_loader().load(
-        name, model_dir, handler=handler, gpu_id=None, batch_size=batch_size,
+        name, model_dir, handler=handler, gpu_id=gpu_id, batch_size=batch_size,
         envelope=None, limit_max_image_pixels=True, metrics_cache=metrics,
     )
     service.set_cl_socket(None)

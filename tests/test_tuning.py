@@ -7,7 +7,7 @@ import torch
 
 from handlers import tuning
 from handlers.core import CORE_SETTINGS, read_settings
-from handlers.launch import LAUNCH_ENV
+from handlers.launch import launch_environment
 from handlers.tuning import (CoreClaim, CpuFeatures, cgroup_cpu_limit, decide_precision, decide_threads,
                              launch_env_report, usable_cpus)
 from tests.conftest import TESTS
@@ -93,9 +93,16 @@ def test_bad_cores_setting_is_named(value):
 
 
 def test_launch_env_is_reported_not_guessed():
-    report = launch_env_report({"LRU_CACHE_CAPACITY": "1024"})
-    assert "LRU_CACHE_CAPACITY=1024" in report and "not set: THP_MEM_ALLOC_ENABLE" in report
-    assert "not set" not in launch_env_report({**LAUNCH_ENV})
+    assert "not set: THP_MEM_ALLOC_ENABLE" in launch_env_report({"LRU_CACHE_CAPACITY": "1024"}, machine="aarch64")
+    assert launch_env_report({"LRU_CACHE_CAPACITY": "1024"}, machine="x86_64") == "launch env LRU_CACHE_CAPACITY=1024"
+    assert "not set: LRU_CACHE_CAPACITY" in launch_env_report({}, machine="x86_64")
+
+
+def test_launch_path_sets_huge_pages_only_on_aarch64_and_the_operator_wins():
+    graviton = launch_environment({}, "/locks", machine="aarch64")
+    assert graviton["THP_MEM_ALLOC_ENABLE"] == "1" and graviton["LRU_CACHE_CAPACITY"] == "1024"
+    assert "THP_MEM_ALLOC_ENABLE" not in launch_environment({}, "/locks", machine="x86_64")
+    assert launch_environment({"LRU_CACHE_CAPACITY": "64"}, "/locks")["LRU_CACHE_CAPACITY"] == "64"
 
 
 def test_cgroup_quota_v2_and_v1(tmp_path):

@@ -1,0 +1,160 @@
+"""What scripts/bench loads: each workload's bodies, our archive, and its stock reference archive.
+
+Stock archives are built from our archives' own weights (so both paths run the same network),
+cached under .cache/bench and rebuilt when our archive is newer.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from graviton_serve.archive import ArchiveSpec, build_archive, run_archiver
+from graviton_serve.bench import Workload
+from graviton_serve.demo_store import build_demo_store, text_model_config
+from graviton_serve.paths import CACHE_DIR, MODEL_STORE
+from graviton_serve.progress import say
+from graviton_serve.sample_data import photo
+
+BENCH_DIR = CACHE_DIR / "bench"
+STOCK_DIR = BENCH_DIR / "stock"
+STOCK_TEXT_HANDLER = Path(__file__).parent / "stock" / "text_classifier.py"
+BERT_BASE = "bert_base_seq128"  # a BERT-base-size classifier, random weights, inputs of 128 tokens
+SEQ_LENGTH = 128
+WORKLOADS = ("bert_sentiment", BERT_BASE, "resnet50", "densenet161", "mnist")
+UNTRAINED_BERT_BASE_NOTE = "UNTRAINED: random BERT-base weights, for measuring speed only."
+
+
+def _fresh(target: Path, source: Path) -> bool:
+    return target.exists() and target.stat().st_mtime >= source.stat().st_mtime
+
+
+def _unpack(archive: Path, folder: Path) -> dict:
+    with zipfile.ZipFile(archive) as mar:
+        mar.extractall(folder)
+    return json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())
+
+
+def stock_vision_archive(name: str, ours: Path) -> Path:
+    """TorchServe's own ``image_classifier`` handler over our archive's state dict."""
+    from graviton_serve.stock.vision_models import MODEL_FILES
+    from handlers.vision import weights_entry
+
+    target = STOCK_DIR / f"{name}_stock.mar"
+    if _fresh(target, ours):
+        return target
+    say(f"bench: packaging {target.name} (TorchServe's image_classifier handler)")
+    with tempfile.TemporaryDirectory() as work:
+        folder = Path(work)
+        manifest = _unpack(ours, folder / "ours")
+        handler_settings = yaml.safe_load((folder / "ours" / "model-config.yaml").read_text())["handler"]
+        categories = weights_entry(name, handler_settings["weights"]).meta["categories"]
+        (folder / "extras").mkdir()
+        (folder / "extras" / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(categories)}))
+        model_file = folder / "model.py"
+        model_file.write_text(MODEL_FILES[name])
+        return run_archiver(f"{name}_stock", folder / "ours" / manifest["model"]["serializedFile"], "image_classifier",
+                            STOCK_DIR, extras=folder / "extras" / "index_to_name.json", model_file=model_file)
+
+
+def stock_text_archive(name: str, ours: Path) -> Path:
+    """A handler in the manner of TorchServe's Hugging Face example over our archive's model files."""
+    target = STOCK_DIR / f"{name}_stock.mar"
+    if _fresh(target, ours):
+        return target
+    say(f"bench: packaging {target.name} (Hugging Face example-style handler, padded to {SEQ_LENGTH})")
+    with tempfile.TemporaryDirectory() as work:
+        folder = Path(work) / "ours"
+        manifest = _unpack(ours, folder)
+        weights = folder / manifest["model"]["serializedFile"]
+        model_files = Path(work) / "model_files"
+        model_files.mkdir()
+        for path in folder.iterdir():
+            if path.is_file() and path.suffix in (".json", ".txt", ".model") and path.name not in ("metadata.json",):
+                path.rename(model_files / path.name)
+        extras = ",".join(str(path) for path in sorted(model_files.iterdir()))
+        return run_archiver(f"{name}_stock", weights, STOCK_TEXT_HANDLER, STOCK_DIR, extras=extras)
+
+
+def bert_base_archive() -> Path:
+    """Our archive of a BERT-base-size classifier (12 layers, hidden 768) with random weights and
+    the real uncased WordPiece vocabulary: the size users serve, without a download."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from graviton_serve.demo_text import minilm_dir
+
+    target = BENCH_DIR / f"{BERT_BASE}.mar"
+    if target.exists():
+        return target
+    say(f"bench: making {target.name} (random BERT-base weights; once, cached)")
+    with tempfile.TemporaryDirectory() as work:
+        folder = Path(work)
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=tokenizer.vocab_size, num_labels=2, id2label={0: "negative", 1: "positive"},
+                            label2id={"negative": 0, "positive": 1})
+        BertForSequenceClassification(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        weights = folder / "model.safetensors"
+        extras = [path for path in sorted(folder.iterdir()) if path != weights]
+        metadata = {"model": BERT_BASE, "trained": False, "note": UNTRAINED_BERT_BASE_NOTE, "task": "sentiment"}
+        return build_archive(ArchiveSpec(BERT_BASE, "text", weights, text_model_config("sentiment"), metadata, extras),
+                             BENCH_DIR)
+
+
+def tweet_bodies() -> list[bytes]:
+    """Held-out tweets the demo never trained on: real short texts."""
+    from graviton_serve.demo_text import tweets
+
+    return [text.encode("utf-8") for text, _ in tweets()[1][:200]]
+
+
+def seq128_bodies(count: int = 64) -> list[bytes]:
+    """Texts of exactly 128 tokens with the uncased WordPiece tokenizer (tweets run together), so
+    our handler (which pads a batch to its longest item) and the stock one (which pads every
+    request to 128) run the same sequence length."""
+    from transformers import AutoTokenizer
+
+    from graviton_serve.demo_text import minilm_dir, tweets
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    stream = [token for text, _ in tweets()[0] for token in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    bodies = []
+    start = 0
+    while len(bodies) < count and start + SEQ_LENGTH < len(stream):
+        text = tokenizer.decode(stream[start:start + SEQ_LENGTH - 2])
+        if len(tokenizer(text)["input_ids"]) == SEQ_LENGTH:
+            bodies.append(text.encode("utf-8"))
+        start += SEQ_LENGTH
+    return bodies
+
+
+def image_bodies(name: str) -> list[bytes]:
+    if name == "mnist":
+        return [(Path(__file__).resolve().parents[1] / "tests" / "data" / "digit.png").read_bytes()]
+    return [photo(which).read_bytes() for which in ("flower", "china")]
+
+
+def workloads(names: list[str]) -> list[Workload]:
+    unknown = sorted(set(names) - set(WORKLOADS))
+    if unknown:
+        raise ValueError(f"unknown workload '{unknown[0]}'; known: {', '.join(WORKLOADS)}")
+    demo = [name for name in names if name != BERT_BASE]
+    archives = {archive.stem: archive for archive in build_demo_store(MODEL_STORE, demo)} if demo else {}
+    chosen = []
+    for name in names:
+        if name == BERT_BASE:
+            ours = bert_base_archive()
+            chosen.append(Workload(name, ours, seq128_bodies(), stock_text_archive(name, ours)))
+        elif name == "bert_sentiment":
+            chosen.append(Workload(name, archives[name], tweet_bodies(), stock_text_archive(name, archives[name])))
+        elif name in ("resnet50", "densenet161"):
+            chosen.append(Workload(name, archives[name], image_bodies(name), stock_vision_archive(name, archives[name])))
+        else:
+            chosen.append(Workload(name, archives[name], image_bodies(name)))
+    return chosen
