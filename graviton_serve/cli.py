@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 import zipfile
@@ -18,6 +17,7 @@ from pathlib import Path
 from graviton_serve.bench import benchmark
 from graviton_serve.bench_workloads import WORKLOADS, workloads
 from graviton_serve.demo_store import DEMO_MODELS, build_demo_store, build_text_archive, build_vision_archive
+from graviton_serve.entrypoint import serve_foreground
 from graviton_serve.grpc_client import ensure_stubs
 from graviton_serve.java import JavaNotFound, find_java_home
 from graviton_serve.paths import CONFIG_FILE, MODEL_STORE, ROOT, RUN_DIR
@@ -94,21 +94,14 @@ def serve(stop: bool, foreground: bool) -> int:
         say("TorchServe is already running")
         print(usage_text(server))
         return 0
+    if foreground:
+        return serve_foreground(server, on_ready=lambda: print(usage_text(server), flush=True))
     say(f"starting TorchServe: models {', '.join(server.expected_models())}")
     started = time.monotonic()
-    launcher = server.start(foreground=foreground)
+    server.start()
     say(f"every model READY {time.monotonic() - started:.1f}s after start")
     print(usage_text(server), flush=True)
-    if launcher is None:
-        return 0
-
-    def on_signal(signum: int, _frame) -> None:
-        say(f"signal {signum}: stopping TorchServe")
-        server.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return launcher.wait()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

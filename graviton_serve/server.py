@@ -115,10 +115,15 @@ class TorchServe:
         config_file: Path,
         ports: Ports | None = None,
         host: str | None = None,
+        overrides: dict[str, str] | None = None,
     ):
         self.run_dir = Path(run_dir).resolve()
         self.model_store = Path(model_store).resolve()
         self.base_properties = read_properties(Path(config_file))
+        unknown = sorted(set(overrides or {}) - KNOWN_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown key '{unknown[0]}' (not a TorchServe 0.12 setting)")
+        self.base_properties.update(overrides or {})
         self.properties = self._render(ports, host)
         self.ports = Ports(
             _port_of(self.properties, "inference_address"),
@@ -134,6 +139,7 @@ class TorchServe:
         self.log_dir = self.run_dir / "logs"
         self.tmp_dir = self.run_dir / "tmp"
         self.pid_file = self.tmp_dir / ".model_server.pid"
+        self.busy_dir = self.run_dir / "busy"  # a file per worker pid while it handles a batch
 
     def _render(self, ports: Ports | None, host: str | None) -> dict[str, str]:
         properties = dict(self.base_properties)
@@ -167,8 +173,13 @@ class TorchServe:
         keys = json.loads(self.key_file.read_text())
         return keys[api]["key"]
 
+    @property
+    def token_auth(self) -> bool:
+        return self.properties.get("disable_token_authorization", "false").strip().lower() != "true"
+
     def auth(self, api: str = "inference") -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token(api)}"}
+        """The Authorization header for ``api`` (none when token auth is off)."""
+        return {"Authorization": f"Bearer {self.token(api)}"} if self.token_auth else {}
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -193,6 +204,7 @@ class TorchServe:
         env = launch_environment(
             {key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
             core_lock_dir=str(self.run_dir / "cores"),
+            busy_dir=str(self.busy_dir),
         )
         env.update(
             JAVA_HOME=str(find_java_home()),
@@ -210,7 +222,7 @@ class TorchServe:
         """
         if self.is_running():
             raise ServerError(f"a TorchServe of this run folder is already running (pid {self.pid}); stop it first")
-        for folder in (self.run_dir, self.log_dir, self.tmp_dir):
+        for folder in (self.run_dir, self.log_dir, self.tmp_dir, self.busy_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.pid_file.unlink(missing_ok=True)
         self.key_file.unlink(missing_ok=True)
@@ -247,7 +259,7 @@ class TorchServe:
         while time.monotonic() < deadline:
             if self.pid is not None and not self.is_running():
                 raise ServerError(f"TorchServe exited during start-up; see {self.log_dir / 'ts_log.log'}\n{self.log_tail()}")
-            if self.key_file.exists():
+            if self.key_file.exists() or not self.token_auth:
                 status = {name: self.model_status(name) for name in expected}
                 if all(state == "READY" for state in status.values()):
                     return status
@@ -266,6 +278,32 @@ class TorchServe:
             return f"HTTP {response.status_code}"
         workers = response.json()[0].get("workers", [])
         return "READY" if any(worker.get("status") == "READY" for worker in workers) else "LOADING"
+
+    def in_flight(self) -> int:
+        """Requests TorchServe holds now: queued (each model's pendingRequests) plus batches
+        inside workers (their busy files, written by the handler core)."""
+        queued = 0
+        for name in self.expected_models():
+            try:
+                response = requests.get(self.url("management", f"models/{name}"), headers=self.auth("management"), timeout=5)
+                queued += int(response.json()[0].get("jobQueueStatus", {}).get("pendingRequests", 0))
+            except (requests.RequestException, OSError, KeyError, ValueError, IndexError):
+                pass
+        busy = sum(1 for marker in self.busy_dir.glob("*") if psutil.pid_exists(int(marker.name)))
+        return queued + busy
+
+    def drain(self, timeout: float, settle: float = 0.3) -> int:
+        """Wait until nothing is in flight (seen twice, ``settle`` apart, to cover the hand-over
+        from queue to worker) or ``timeout`` passes; returns what is left in flight."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.in_flight() == 0:
+                time.sleep(settle)
+                if self.in_flight() == 0:
+                    time.sleep(settle)  # the last responses leave the frontend
+                    return 0
+            time.sleep(0.2)
+        return self.in_flight()
 
     def processes(self) -> list[psutil.Process]:
         """The frontend and all its descendants (the Python workers)."""

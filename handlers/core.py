@@ -23,6 +23,7 @@ import torch
 
 from handlers import tuning
 from handlers.errors import RequestError, error_body
+from handlers.launch import BUSY_DIR_VAR
 from handlers.payload import Payload, one_of, positive_int
 
 log = logging.getLogger(__name__)
@@ -355,6 +356,29 @@ def _is_describe(context: Any) -> bool:
         return False
 
 
+class _busy_marker:
+    """A file named after this worker's pid while it handles a batch, in the folder the launch
+    path names (GS_BUSY_DIR), so a draining server knows what is still in flight. A no-op on a
+    stock TorchServe, where the variable is unset."""
+
+    def __init__(self):
+        folder = os.environ.get(BUSY_DIR_VAR)
+        self.path = Path(folder) / str(os.getpid()) if folder else None
+
+    def __enter__(self):
+        if self.path is not None:
+            try:
+                self.path.touch()
+            except OSError:
+                self.path = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+        return False
+
+
 class EntryPoint:
     """The ``handle(data, context)`` callable TorchServe calls; the worker is built on the first call.
 
@@ -371,7 +395,8 @@ class EntryPoint:
             log.info("%s: ready on %s, pid %d", self.worker.model_name, self.worker.device, os.getpid())
         if data is None:
             return None
-        return self.worker.handle(data, context)
+        with _busy_marker():
+            return self.worker.handle(data, context)
 
 
 def entry_point(make_handler: Callable[[], ModelHandler]) -> EntryPoint:

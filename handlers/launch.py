@@ -11,6 +11,7 @@ LAUNCH_ENV = {"LRU_CACHE_CAPACITY": "1024"}
 # 138/123 ms -> 157/167 ms and batch 8 795/817 ms -> 824/864 ms (two runs each).
 AARCH64_LAUNCH_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 CORE_LOCK_DIR_VAR = "GS_CORE_LOCK_DIR"  # one folder per server: its workers' core claims
+BUSY_DIR_VAR = "GS_BUSY_DIR"  # one folder per server: a file per worker while it handles a batch (for draining)
 
 
 def launch_settings(machine: str | None = None) -> dict[str, str]:
@@ -18,6 +19,8 @@ def launch_settings(machine: str | None = None) -> dict[str, str]:
     return {**LAUNCH_ENV, **(AARCH64_LAUNCH_ENV if machine in ("aarch64", "arm64") else {})}
 
 
-def launch_environment(environ: dict[str, str], core_lock_dir: str, machine: str | None = None) -> dict[str, str]:
+def launch_environment(environ: dict[str, str], core_lock_dir: str, busy_dir: str = "",
+                       machine: str | None = None) -> dict[str, str]:
     """``environ`` plus our launch settings; a value the operator already set wins."""
-    return {**launch_settings(machine), CORE_LOCK_DIR_VAR: core_lock_dir, **environ}
+    folders = {CORE_LOCK_DIR_VAR: core_lock_dir, **({BUSY_DIR_VAR: busy_dir} if busy_dir else {})}
+    return {**launch_settings(machine), **environ, **folders}

@@ -1,0 +1,71 @@
+"""Offline checks of the deployment files (no Docker engine, no cluster, no AWS account needed):
+Dockerfiles through hadolint, ECS task definitions against the ECS API model botocore ships,
+Kubernetes manifests rendered by ``kubectl kustomize`` against Kubernetes' OpenAPI schemas
+(kubernetes-validate). Each returns a list of problems; empty means it passed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from graviton_serve.paths import ROOT
+
+DEPLOY_DIR = ROOT / "deploy"
+DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
+ECS_TASKS = sorted((DEPLOY_DIR / "ecs").glob("*.json"))
+KUSTOMIZATIONS = [DEPLOY_DIR / "k8s" / "base", DEPLOY_DIR / "k8s" / "gpu"]
+KUBERNETES_VERSION = "1.32.0"  # EKS standard support at the time of writing
+
+
+def lint_dockerfile(path: Path) -> list[str]:
+    hadolint = Path(sys.executable).with_name("hadolint")
+    if not hadolint.exists():
+        hadolint = Path(shutil.which("hadolint") or "hadolint")
+    result = subprocess.run([str(hadolint), "--no-color", str(path)], capture_output=True, text=True)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.strip()] if result.returncode else []
+
+
+def validate_ecs_task(task: dict) -> list[str]:
+    import botocore.session
+    from botocore.validate import ParamValidator
+
+    shape = botocore.session.get_session().get_service_model("ecs").operation_model("RegisterTaskDefinition").input_shape
+    report = ParamValidator().validate(task, shape)
+    return report.generate_report().splitlines() if report.has_errors() else []
+
+
+def render_kustomization(folder: Path) -> list[dict]:
+    result = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"kubectl kustomize {folder} failed: {result.stderr.strip()}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def validate_kubernetes(resource: dict, version: str = KUBERNETES_VERSION) -> list[str]:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(resource, version, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return [f"{resource.get('kind')}/{resource.get('metadata', {}).get('name')}: {error.message} at {list(error.path)}"]
+    return []
+
+
+def check_all() -> dict[str, list[str]]:
+    """Every deployment file -> its problems (for a one-shot command-line check)."""
+    problems: dict[str, list[str]] = {}
+    for dockerfile in DOCKERFILES:
+        problems[str(dockerfile.relative_to(ROOT))] = lint_dockerfile(dockerfile)
+    for task in ECS_TASKS:
+        problems[str(task.relative_to(ROOT))] = validate_ecs_task(json.loads(task.read_text()))
+    for folder in KUSTOMIZATIONS:
+        found = []
+        for resource in render_kustomization(folder):
+            found += validate_kubernetes(resource)
+        problems[str(folder.relative_to(ROOT))] = found
+    return problems

@@ -1,0 +1,163 @@
+"""The container entrypoint, run exactly as the image runs it (``python -m graviton_serve.entrypoint``)
+against a real TorchServe: foreground start, SIGTERM with requests in flight (all answered),
+exit status, the token switch, and settings errors that name their variable."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import yaml
+
+from graviton_serve.archive import run_archiver
+from graviton_serve.paths import HANDLERS_DIR, ROOT
+from graviton_serve.server import Ports, TorchServe
+from tests.conftest import TESTS
+
+CONTAINER_CONFIG = ROOT / "docker" / "config.properties"
+
+
+def slow_archive(store: Path) -> Path:
+    with tempfile.TemporaryDirectory() as work:
+        extras = Path(work) / "extras"
+        shutil.copytree(HANDLERS_DIR, extras / "handlers", ignore=shutil.ignore_patterns("__pycache__"))
+        config = Path(work) / "model-config.yaml"
+        config.write_text(yaml.safe_dump({"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1,
+                                          "responseTimeout": 60}))
+        weights = Path(work) / "none.pt"
+        weights.write_bytes(b"")
+        return run_archiver("slow", weights, TESTS / "slow_handler.py", store, extras=extras, config_file=config)
+
+
+def loopback_config(path: Path, ports: Ports) -> Path:
+    """The container config with loopback listeners on free ports (a test runs outside a container)."""
+    text = CONTAINER_CONFIG.read_text().replace("0.0.0.0", "127.0.0.1")
+    for key, port in (("8080", ports.inference), ("8081", ports.management), ("8082", ports.metrics),
+                      ("7070", ports.grpc_inference), ("7071", ports.grpc_management)):
+        text = re.sub(rf"(?<=[:=]){key}\b", str(port), text)
+    path.write_text(text)
+    return path
+
+
+class Container:
+    """The entrypoint as a process, with the environment the image gives it."""
+
+    def __init__(self, root: Path, store: Path, **env: str):
+        root.mkdir(parents=True, exist_ok=True)
+        self.ports = Ports.free()
+        self.env = {**os.environ, "GS_MODEL_STORE": str(store), "GS_RUN_DIR": str(root / "run"),
+                    "GS_CONFIG": str(loopback_config(root / "config.properties", self.ports)), **env}
+        self.env.pop("PYTHONPATH", None)
+        self.log = root / "entrypoint.log"
+        self.process = subprocess.Popen([sys.executable, "-m", "graviton_serve.entrypoint"], cwd=ROOT, env=self.env,
+                                        stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        self.server = TorchServe(root / "run", store, Path(self.env["GS_CONFIG"]))
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "every model READY" in self.log.read_text():
+                return
+            assert self.process.poll() is None, self.log.read_text()
+            time.sleep(0.3)
+        raise AssertionError(f"not ready in {timeout}s:\n{self.log.read_text()}")
+
+    def probe(self, which: str = "--ready") -> int:
+        return subprocess.run([sys.executable, "-m", "graviton_serve.entrypoint", which], cwd=ROOT, env=self.env,
+                              capture_output=True).returncode
+
+    def all_pids(self) -> list[int]:
+        return [process.pid for process in self.server.processes()]
+
+    def post(self, body: bytes, token: bool = True) -> requests.Response:
+        headers = self.server.auth() if token else {}
+        return requests.post(self.server.url("inference", "predictions/slow"), data=body, headers=headers, timeout=60)
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    folder = tmp_path / "store"
+    slow_archive(folder)
+    return folder
+
+
+def gone(pids: list[int]) -> bool:
+    return not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.integration
+def test_sigterm_drains_in_flight_requests_then_exits_with_torchserve_status(tmp_path, store):
+    container = Container(tmp_path, store)
+    container.wait_ready()
+    assert container.probe() == 0
+    pids = container.all_pids()
+    with ThreadPoolExecutor(4) as pool:
+        # Four requests of 1.5 s each, one at a time in the worker: about 6 s of work in flight.
+        replies = [pool.submit(container.post, b"15") for _ in range(4)]
+        time.sleep(1.0)
+        container.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert container.probe() == 1  # draining: a load balancer stops sending here
+        answered = [reply.result() for reply in replies]
+    assert [reply.status_code for reply in answered] == [200] * 4
+    assert all(reply.json() == {"slept_tenths": 15} for reply in answered)
+    assert container.process.wait(timeout=90) == 0
+    log = container.log.read_text()
+    assert "drained: every request answered" in log
+    assert gone(pids), "TorchServe processes left after the entrypoint exited"
+
+
+@pytest.mark.integration
+def test_token_auth_is_on_unless_switched_off_and_a_dead_torchserve_fails_the_container(tmp_path, store):
+    container = Container(tmp_path / "auth_on", store)
+    container.wait_ready()
+    try:
+        anonymous = container.post(b"1", token=False)  # TorchServe 0.12 answers 400 here, not 401
+        assert anonymous.status_code == 400 and "Token Authorization failed" in anonymous.text
+        assert container.post(b"1").status_code == 200
+        # /ping wants the token too, so the liveness probe is a command that reads the key file.
+        assert requests.get(container.server.url("inference", "ping"), timeout=10).status_code == 400
+        assert container.probe("--live") == 0
+    finally:
+        container.process.send_signal(signal.SIGTERM)
+        assert container.process.wait(timeout=90) == 0
+
+    open_container = Container(tmp_path / "auth_off", store, TS_DISABLE_TOKEN_AUTH="true")
+    open_container.wait_ready()
+    assert open_container.post(b"1", token=False).status_code == 200
+    assert open_container.probe("--live") == 0
+    # TorchServe dies under it: the container must not report success.
+    pids = open_container.all_pids()
+    os.kill(open_container.server.pid, signal.SIGKILL)
+    assert open_container.process.wait(timeout=90) != 0
+    assert "TorchServe exited on its own" in open_container.log.read_text()
+    assert open_container.probe("--live") == 1
+    deadline = time.monotonic() + 30  # its workers notice their frontend is gone and exit
+    while not gone(pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert gone(pids)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"GS_DRAIN_TIMEOUT_S": "soon"}, "GS_DRAIN_TIMEOUT_S"),
+    ({"TS_DISABLE_TOKEN_AUTH": "maybe"}, "TS_DISABLE_TOKEN_AUTH"),
+    ({"GS_MODEL_STORE": "/nonexistent/store"}, "GS_MODEL_STORE"),
+])
+def test_a_bad_setting_is_named_before_anything_starts(tmp_path, store, env, message):
+    environ = {**os.environ, "GS_MODEL_STORE": str(store), "GS_CONFIG": str(CONTAINER_CONFIG),
+               "GS_RUN_DIR": str(tmp_path / "run"), **env}
+    result = subprocess.run([sys.executable, "-m", "graviton_serve.entrypoint"], cwd=ROOT, env=environ,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.startswith("error: ")
