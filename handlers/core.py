@@ -165,11 +165,13 @@ class Worker:
         metadata_path = self.model_dir / METADATA_FILE
         self.metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
 
-    def handle(self, data: list[dict], context: Any) -> list:
+    def handle(self, data: list, context: Any) -> list:
         if _is_describe(context):
             return [json.dumps({"model": self.model_name, **self.metadata})]
+        if _is_enveloped(data, context):
+            return self._handle_instances(data)
         responses: list = [None] * len(data)
-        items: dict[int, Any] = {}
+        payloads: dict[int, Payload] = {}
         for index, request in enumerate(data):
             headers = _headers(context, index)
             if not _arrived_over_http(headers):
@@ -177,19 +179,43 @@ class Worker:
                 # StreamPredictions hits a NullPointerException and kills the worker. (Over HTTP
                 # the same header would turn the reply into an unfinished chunked stream.)
                 context.set_response_header(index, "ts_stream_next", "false")
-            try:
-                items[index] = self.handler.decode(Payload.from_request(request, headers))
-            except Exception as error:  # noqa: BLE001 - every error is answered per request
-                responses[index] = self._fail(context, index, error)
-        for index, outcome in self._forward_isolating_oom(items).items():
-            try:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                responses[index] = json.dumps(self.handler.encode(outcome, items[index]))
-                context.set_response_content_type(index, "application/json")
-            except Exception as error:  # noqa: BLE001
-                responses[index] = self._fail(context, index, error)
+            payloads[index] = Payload.from_request(request, headers)
+        for index, (answer, error) in self._answer(payloads).items():
+            if error is not None:
+                body = error_body(error)
+                context.set_response_status(body["code"], body["type"], index)
+                answer = body
+            responses[index] = json.dumps(answer)
+            context.set_response_content_type(index, "application/json")
         return responses
+
+    def _handle_instances(self, instances: list) -> list:
+        """KServe v1 ``instances`` / v2 ``inputs``, as TorchServe's kserve/kservev2 envelope hands
+        them over: the instances of one request are the batch, and the envelope wraps the list we
+        return into one reply (v1 ``predictions``, v2 ``outputs``). A failed instance gets its
+        error body in its place; the reply's status stays 200."""
+        payloads = {index: Payload.from_request(instance if isinstance(instance, dict) else {"data": instance}, {})
+                    for index, instance in enumerate(instances)}
+        return [error_body(error) if error is not None else answer for answer, error in self._answer(payloads).values()]
+
+    def _answer(self, payloads: dict[int, Payload]) -> dict[int, tuple[Any, BaseException | None]]:
+        """index -> (JSON-ready answer, None) or (None, the error that index gets), in order.
+        Decode each alone, one forward for the batch, encode each alone."""
+        outcomes: dict[int, tuple[Any, BaseException | None]] = {}
+        items: dict[int, Any] = {}
+        for index, payload in payloads.items():
+            try:
+                items[index] = self.handler.decode(payload)
+            except Exception as error:  # noqa: BLE001 - every error is answered per request
+                outcomes[index] = (None, self._log_failure(index, error))
+        for index, output in self._forward_isolating_oom(items).items():
+            try:
+                if isinstance(output, BaseException):
+                    raise output
+                outcomes[index] = (self.handler.encode(output, items[index]), None)
+            except Exception as error:  # noqa: BLE001
+                outcomes[index] = (None, self._log_failure(index, error))
+        return dict(sorted(outcomes.items()))
 
     def _forward_isolating_oom(self, items: dict[int, Any]) -> dict[int, Any]:
         """index -> output, or the exception that index gets.
@@ -280,16 +306,14 @@ class Worker:
             raise RuntimeError(f"{type(self.handler).__name__}.split returned {len(rows)} rows for {len(items)} items")
         return rows
 
-    def _fail(self, context: Any, index: int, error: BaseException) -> str:
-        body = error_body(error)
+    def _log_failure(self, index: int, error: BaseException) -> BaseException:
         if isinstance(error, RequestError):
             # The message is ours and carries no request content; the content is never logged.
-            log.info("%s: request %d of batch answered %d %s", self.model_name, index, body["code"], body["type"])
+            log.info("%s: request %d of batch answered %d %s", self.model_name, index, error_body(error)["code"],
+                     type(error).__name__)
         else:
             log.error("%s: request %d of batch failed", self.model_name, index, exc_info=error)
-        context.set_response_status(body["code"], body["type"], index)
-        context.set_response_content_type(index, "application/json")
-        return json.dumps(body)
+        return error
 
 
 def _is_compile_error(error: BaseException) -> bool:
@@ -332,6 +356,27 @@ def _tensors(output: Any) -> list[torch.Tensor]:
     if isinstance(output, dict):
         return [tensor for value in output.values() for tensor in _tensors(value)]
     return []
+
+
+def _is_enveloped(data: list, context: Any) -> bool:
+    """True when TorchServe's kserve/kservev2 envelope turned request 0 into a list of instances.
+    KServe sets TS_SERVICE_ENVELOPE; without it: the batch is not one row per request, or a row
+    is an instance rather than a request (a bare value, a v2 tensor description, or
+    ``{"data": <text or numbers>}`` where a request over gRPC would carry bytes)."""
+    if os.environ.get("TS_SERVICE_ENVELOPE", "").strip().lower() in ("kserve", "kservev2"):
+        return True
+    request_ids = getattr(context, "request_ids", None)
+    if isinstance(request_ids, dict) and request_ids and len(request_ids) != len(data):
+        return True
+    return any(_is_instance(row) for row in data)
+
+
+def _is_instance(row: Any) -> bool:
+    if not isinstance(row, dict):
+        return True
+    if {"datatype", "shape"} <= row.keys():
+        return True
+    return set(row) == {"data"} and not isinstance(row["data"], (bytes, bytearray))
 
 
 def _headers(context: Any, index: int) -> dict:
