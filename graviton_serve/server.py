@@ -40,7 +40,7 @@ certificate_file private_key_file limit_max_image_pixels cpu_launcher_enable cpu
 ipex_enable ipex_gpu_enable service_envelope decode_input_request prefer_direct_buffer
 initial_worker_port initial_distribution_port plugins_path model_server_home use_native_io
 io_ratio ts_header_key_sequence_id ts_header_key_sequence_start ts_header_key_sequence_end
-ts_open_inference_protocol enable_grpc torchelastic_ts cpp_log_config
+ts_open_inference_protocol enable_grpc torchelastic_ts cpp_log_config model_snapshot
 """.split())
 
 

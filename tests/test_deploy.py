@@ -9,11 +9,15 @@ import re
 
 import pytest
 
-from graviton_serve.deploy_checks import (DOCKERFILES, ECS_TASKS, KUSTOMIZATIONS, lint_dockerfile, render_kustomization,
-                                          validate_ecs_task, validate_kubernetes)
+import yaml
+
+from graviton_serve.deploy_checks import (DEPLOY_DIR, DOCKERFILES, ECS_TASKS, KSERVE_RESOURCES, KUSTOMIZATIONS,
+                                          lint_dockerfile, render_kustomization, validate_ecs_task, validate_kserve,
+                                          validate_kubernetes)
 
 PORTS = {8080, 8081, 8082, 7070, 7071}
 DRAIN_TIMEOUT_S = 30
+KSERVE_CONFIG = DEPLOY_DIR / "kserve" / "config" / "config.properties"
 LIVE = ["python", "-m", "graviton_serve.entrypoint", "--live"]
 READY = ["python", "-m", "graviton_serve.entrypoint", "--ready"]
 
@@ -82,3 +86,28 @@ def test_kubernetes_manifests_validate_against_the_openapi_schemas(folder):
     broken = copy.deepcopy(deployment)
     broken["spec"]["replicas"] = "two"
     assert validate_kubernetes(broken)
+
+
+@pytest.mark.parametrize("resource", KSERVE_RESOURCES, ids=names(KSERVE_RESOURCES))
+def test_kserve_inference_service_validates_against_the_kserve_sdk_models(resource, tmp_path):
+    assert validate_kserve(resource) == []
+    isvc = yaml.safe_load(resource.read_text())
+    assert isvc["spec"]["predictor"]["model"]["modelFormat"]["name"] == "pytorch"
+    assert isvc["spec"]["predictor"]["nodeSelector"]["kubernetes.io/arch"] == "arm64"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(resource.read_text().replace("minReplicas:", "minReplica:"))
+    assert any("minReplica: no such field" in problem for problem in validate_kserve(broken))
+
+
+def test_kserve_storage_config_serves_every_demo_model_one_request_per_batch():
+    from graviton_serve.demo_store import DEMO_MODELS
+    from graviton_serve.server import read_properties
+
+    properties = read_properties(KSERVE_CONFIG)  # our validator: every key a TorchServe 0.12 key
+    assert properties["model_store"] == "/mnt/models/model-store"
+    assert properties["enable_envvars_config"] == "true"  # KServe's TS_SERVICE_ENVELOPE reaches TorchServe
+    snapshot = json.loads(properties["model_snapshot"])
+    assert sorted(snapshot["models"]) == sorted(DEMO_MODELS)
+    for name, versions in snapshot["models"].items():
+        (version,) = versions.values()
+        assert version["marName"] == f"{name}.mar" and version["batchSize"] == 1
