@@ -32,6 +32,17 @@ def mnist_dir(mnist_mar, tmp_path_factory) -> Path:
     return folder
 
 
+def mnist_variant(mnist_dir: Path, export_dir: Path, name: str, model_config: dict) -> Path:
+    """The demo MNIST model repackaged under ``name`` with another model-config.yaml."""
+    import json
+
+    from graviton_serve.archive import ArchiveSpec, build_archive
+
+    spec = ArchiveSpec(name=name, handler_module="mnist", weights=mnist_dir / "mnist.pt", model_config=model_config,
+                       metadata=json.loads((mnist_dir / "metadata.json").read_text()))
+    return build_archive(spec, export_dir)
+
+
 class ServerUnderTest:
     """Starts a real TorchServe over ``archives`` and, on stop, checks nothing of it is left."""
 

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from graviton_serve.archive import ArchiveSpec, build_archive
 from graviton_serve.demo_mnist import split_digits
 from graviton_serve.grpc_client import GrpcClient
-from tests.conftest import ServerUnderTest
+from tests.conftest import ServerUnderTest, mnist_variant
 from tests.images import bomb_png, png, truncated_png
 
 pytestmark = pytest.mark.integration
@@ -103,14 +102,8 @@ def test_prometheus_metrics(mnist_server):
 def batching_server(mnist_dir, tmp_path_factory):
     """MNIST repackaged so that 8 concurrent requests surely share one batch."""
     root = tmp_path_factory.mktemp("ts_batch")
-    spec = ArchiveSpec(
-        name="mnist_batch",
-        handler_module="mnist",
-        weights=mnist_dir / "mnist.pt",
-        model_config={"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 5000, "responseTimeout": 60},
-        metadata=json.loads((mnist_dir / "metadata.json").read_text()),
-    )
-    archive = build_archive(spec, root / "built")
+    archive = mnist_variant(mnist_dir, root / "built", "mnist_batch", {
+        "minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 5000, "responseTimeout": 60})
     under_test = ServerUnderTest(root, [archive])
     server = under_test.start()
     yield server

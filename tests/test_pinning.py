@@ -3,7 +3,6 @@ holds its own core, and after TorchServe restarts a killed worker the sets are s
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -11,8 +10,7 @@ import time
 import pytest
 import requests
 
-from graviton_serve.archive import ArchiveSpec, build_archive
-from tests.conftest import TESTS, ServerUnderTest
+from tests.conftest import TESTS, ServerUnderTest, mnist_variant
 
 pytestmark = pytest.mark.integration
 
@@ -31,15 +29,10 @@ def affinity(pid: int) -> set[int]:
 @pytest.fixture(scope="module")
 def pinned_server(mnist_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ts_pinned")
-    spec = ArchiveSpec(
-        name="mnist_pinned",
-        handler_module="mnist",
-        weights=mnist_dir / "mnist.pt",
-        model_config={"minWorkers": len(CPUS), "maxWorkers": len(CPUS), "batchSize": 1, "maxBatchDelay": 5,
-                      "responseTimeout": 60, "handler": {"cores": 1}},
-        metadata=json.loads((mnist_dir / "metadata.json").read_text()),
-    )
-    under_test = ServerUnderTest(root, [build_archive(spec, root / "built")])
+    archive = mnist_variant(mnist_dir, root / "built", "mnist_pinned", {
+        "minWorkers": len(CPUS), "maxWorkers": len(CPUS), "batchSize": 1, "maxBatchDelay": 5, "responseTimeout": 60,
+        "handler": {"cores": 1}})
+    under_test = ServerUnderTest(root, [archive])
     server = under_test.start()
     yield server
     under_test.stop()
