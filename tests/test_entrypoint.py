@@ -77,12 +77,36 @@ class Container:
         return subprocess.run([sys.executable, "-m", "graviton_serve.entrypoint", which], cwd=ROOT, env=self.env,
                               capture_output=True).returncode
 
+    def close(self) -> None:
+        """Whatever a failed test left: the entrypoint, then TorchServe by its own PIDs."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.server.stop()
+
     def all_pids(self) -> list[int]:
         return [process.pid for process in self.server.processes()]
 
     def post(self, body: bytes, token: bool = True) -> requests.Response:
         headers = self.server.auth() if token else {}
         return requests.post(self.server.url("inference", "predictions/slow"), data=body, headers=headers, timeout=60)
+
+
+@pytest.fixture
+def containers():
+    """Start containers through this; each is closed at teardown, passed or failed."""
+    started: list[Container] = []
+
+    def start(*args, **env) -> Container:
+        started.append(Container(*args, **env))
+        return started[-1]
+
+    yield start
+    for container in started:
+        container.close()
 
 
 @pytest.fixture
@@ -97,8 +121,8 @@ def gone(pids: list[int]) -> bool:
 
 
 @pytest.mark.integration
-def test_sigterm_drains_in_flight_requests_then_exits_with_torchserve_status(tmp_path, store):
-    container = Container(tmp_path, store)
+def test_sigterm_drains_in_flight_requests_then_exits_with_torchserve_status(tmp_path, store, containers):
+    container = containers(tmp_path, store)
     container.wait_ready()
     assert container.probe() == 0
     pids = container.all_pids()
@@ -119,8 +143,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_with_torchserve_status(tmp
 
 
 @pytest.mark.integration
-def test_token_auth_is_on_unless_switched_off_and_a_dead_torchserve_fails_the_container(tmp_path, store):
-    container = Container(tmp_path / "auth_on", store)
+def test_token_auth_is_on_unless_switched_off_and_a_dead_torchserve_fails_the_container(tmp_path, store, containers):
+    container = containers(tmp_path / "auth_on", store)
     container.wait_ready()
     try:
         anonymous = container.post(b"1", token=False)  # TorchServe 0.12 answers 400 here, not 401
@@ -133,7 +157,7 @@ def test_token_auth_is_on_unless_switched_off_and_a_dead_torchserve_fails_the_co
         container.process.send_signal(signal.SIGTERM)
         assert container.process.wait(timeout=90) == 0
 
-    open_container = Container(tmp_path / "auth_off", store, TS_DISABLE_TOKEN_AUTH="true")
+    open_container = containers(tmp_path / "auth_off", store, TS_DISABLE_TOKEN_AUTH="true")
     open_container.wait_ready()
     assert open_container.post(b"1", token=False).status_code == 200
     assert open_container.probe("--live") == 0
