@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class ArchiveSpec:
     model_config: dict  # model-config.yaml content
     metadata: dict  # metadata.json content
     extra_files: list[Path] = field(default_factory=list)  # more files for the archive root (tokenizer, config...)
+    handler_file: Path | None = None  # a handler outside handlers/ (test models); default handlers/<handler_module>.py
 
 
 def handler_sources() -> list[Path]:
@@ -61,7 +63,7 @@ def validate_model_config(name: str, config: dict) -> None:
 def build_archive(spec: ArchiveSpec, export_dir: Path) -> Path:
     """Build ``<export_dir>/<name>.mar`` from ``spec``; returns its path."""
     validate_model_config(spec.name, spec.model_config)
-    handler_file = HANDLERS_DIR / f"{spec.handler_module}.py"
+    handler_file = spec.handler_file or HANDLERS_DIR / f"{spec.handler_module}.py"
     if not handler_file.exists():
         raise FileNotFoundError(f"no handler module {handler_file}")
     with tempfile.TemporaryDirectory(prefix=f"gs-build-{spec.name}-") as work:
@@ -74,6 +76,13 @@ def build_archive(spec: ArchiveSpec, export_dir: Path) -> Path:
         config_file = work_dir / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
         return run_archiver(spec.name, spec.weights, handler_file, export_dir, extras=extras, config_file=config_file)
+
+
+def unpack_archive(archive: Path, folder: Path) -> dict:
+    """Unpack a .mar into ``folder`` as TorchServe does; returns its MANIFEST.json."""
+    with zipfile.ZipFile(archive) as mar:
+        mar.extractall(folder)
+    return json.loads((Path(folder) / "MAR-INF" / "MANIFEST.json").read_text())
 
 
 def run_archiver(name: str, serialized_file: Path, handler: Path | str, export_dir: Path, extras: Path | str | None = None,

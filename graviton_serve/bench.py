@@ -22,7 +22,6 @@ import shutil
 import statistics
 import tempfile
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import psutil
 import requests
 import yaml
 
+from graviton_serve.archive import unpack_archive
 from graviton_serve.grpc_client import GrpcClient
 from graviton_serve.paths import CONFIG_FILE
 from graviton_serve.progress import say
@@ -189,9 +189,7 @@ def raw_limit(workload: str, archive: Path, bodies: list[bytes], min_seconds: fl
     from handlers.payload import Payload
 
     with tempfile.TemporaryDirectory(prefix="gs-bench-raw-") as work:
-        with zipfile.ZipFile(archive) as mar:
-            mar.extractall(work)
-        manifest = json.loads((Path(work) / "MAR-INF" / "MANIFEST.json").read_text())
+        manifest = unpack_archive(archive, Path(work))
         config = yaml.safe_load((Path(work) / "model-config.yaml").read_text())
         module = importlib.import_module(f"handlers.{Path(manifest['model']['handler']).stem}")
         context = SimpleNamespace(model_name=workload, manifest=manifest, model_yaml_config=config,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import tempfile
-import zipfile
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
-from graviton_serve.archive import ArchiveSpec, build_archive, run_archiver
+from graviton_serve.archive import ArchiveSpec, build_archive, run_archiver, unpack_archive
 from graviton_serve.bench import Workload
 from graviton_serve.demo_store import build_demo_store, text_model_config
 from graviton_serve.paths import CACHE_DIR, MODEL_STORE
@@ -29,14 +29,17 @@ WORKLOADS = ("bert_sentiment", BERT_BASE, "resnet50", "densenet161", "mnist")
 UNTRAINED_BERT_BASE_NOTE = "UNTRAINED: random BERT-base weights, for measuring speed only."
 
 
-def _fresh(target: Path, source: Path) -> bool:
-    return target.exists() and target.stat().st_mtime >= source.stat().st_mtime
-
-
-def _unpack(archive: Path, folder: Path) -> dict:
-    with zipfile.ZipFile(archive) as mar:
-        mar.extractall(folder)
-    return json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())
+def _stock_archive(name: str, ours: Path, what: str, pack: Callable[[Path, dict, Path], Path]) -> Path:
+    """``<name>_stock.mar``, rebuilt only when our archive is newer: ``pack(unpacked folder of ours,
+    its manifest, a scratch folder)`` builds it from our archive's own files."""
+    target = STOCK_DIR / f"{name}_stock.mar"
+    if target.exists() and target.stat().st_mtime >= ours.stat().st_mtime:
+        return target
+    say(f"bench: packaging {target.name} ({what})")
+    with tempfile.TemporaryDirectory() as work:
+        ours_dir, scratch = Path(work) / "ours", Path(work) / "scratch"
+        scratch.mkdir()
+        return pack(ours_dir, unpack_archive(ours, ours_dir), scratch)
 
 
 def stock_vision_archive(name: str, ours: Path) -> Path:
@@ -44,40 +47,29 @@ def stock_vision_archive(name: str, ours: Path) -> Path:
     from graviton_serve.stock.vision_models import MODEL_FILES
     from handlers.vision import weights_entry
 
-    target = STOCK_DIR / f"{name}_stock.mar"
-    if _fresh(target, ours):
-        return target
-    say(f"bench: packaging {target.name} (TorchServe's image_classifier handler)")
-    with tempfile.TemporaryDirectory() as work:
-        folder = Path(work)
-        manifest = _unpack(ours, folder / "ours")
-        handler_settings = yaml.safe_load((folder / "ours" / "model-config.yaml").read_text())["handler"]
+    def pack(ours_dir: Path, manifest: dict, scratch: Path) -> Path:
+        handler_settings = yaml.safe_load((ours_dir / "model-config.yaml").read_text())["handler"]
         categories = weights_entry(name, handler_settings["weights"]).meta["categories"]
-        (folder / "extras").mkdir()
-        (folder / "extras" / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(categories)}))
-        model_file = folder / "model.py"
+        index_to_name = scratch / "index_to_name.json"
+        index_to_name.write_text(json.dumps({str(i): c for i, c in enumerate(categories)}))
+        model_file = scratch / "model.py"
         model_file.write_text(MODEL_FILES[name])
-        return run_archiver(f"{name}_stock", folder / "ours" / manifest["model"]["serializedFile"], "image_classifier",
-                            STOCK_DIR, extras=folder / "extras" / "index_to_name.json", model_file=model_file)
+        return run_archiver(f"{name}_stock", ours_dir / manifest["model"]["serializedFile"], "image_classifier",
+                            STOCK_DIR, extras=index_to_name, model_file=model_file)
+
+    return _stock_archive(name, ours, "TorchServe's image_classifier handler", pack)
 
 
 def stock_text_archive(name: str, ours: Path) -> Path:
     """A handler in the manner of TorchServe's Hugging Face example over our archive's model files."""
-    target = STOCK_DIR / f"{name}_stock.mar"
-    if _fresh(target, ours):
-        return target
-    say(f"bench: packaging {target.name} (Hugging Face example-style handler, padded to {SEQ_LENGTH})")
-    with tempfile.TemporaryDirectory() as work:
-        folder = Path(work) / "ours"
-        manifest = _unpack(ours, folder)
-        weights = folder / manifest["model"]["serializedFile"]
-        model_files = Path(work) / "model_files"
-        model_files.mkdir()
-        for path in folder.iterdir():
-            if path.is_file() and path.suffix in (".json", ".txt", ".model") and path.name not in ("metadata.json",):
-                path.rename(model_files / path.name)
-        extras = ",".join(str(path) for path in sorted(model_files.iterdir()))
-        return run_archiver(f"{name}_stock", weights, STOCK_TEXT_HANDLER, STOCK_DIR, extras=extras)
+
+    def pack(ours_dir: Path, manifest: dict, scratch: Path) -> Path:
+        model_files = [path for path in sorted(ours_dir.iterdir())
+                       if path.is_file() and path.suffix in (".json", ".txt", ".model") and path.name != "metadata.json"]
+        return run_archiver(f"{name}_stock", ours_dir / manifest["model"]["serializedFile"], STOCK_TEXT_HANDLER,
+                            STOCK_DIR, extras=",".join(map(str, model_files)))
+
+    return _stock_archive(name, ours, f"Hugging Face example-style handler, padded to {SEQ_LENGTH}", pack)
 
 
 def bert_base_archive() -> Path:

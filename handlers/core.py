@@ -157,11 +157,14 @@ class Worker:
         self.model = model.to(self.device).eval()
         self.runner = self.model  # what forwards run: the model, or its compiled form
         self.precision = "fp32"
-        if self.tuning.precision != "fp32":
-            self.precision, why = self._precision_guard(self.tuning.precision)
-            log.info("%s: tuning: precision=%s (%s)", self.model_name, self.precision, why)
-        if self.settings["compile"] != "off":
-            self._compile(self.settings["compile"], self.settings["compile_timeout_s"])
+        if self.tuning.precision != "fp32" or self.settings["compile"] != "off":
+            # The model's own check inputs: decoded once for the precision guard and the compile warm-up.
+            check_items = [handler.decode(payload) for payload in handler.check_payloads()]
+            if self.tuning.precision != "fp32":
+                self.precision, why = self._precision_guard(self.tuning.precision, check_items)
+                log.info("%s: tuning: precision=%s (%s)", self.model_name, self.precision, why)
+            if self.settings["compile"] != "off":
+                self._compile(self.settings["compile"], self.settings["compile_timeout_s"], check_items)
         metadata_path = self.model_dir / METADATA_FILE
         self.metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
 
@@ -240,10 +243,9 @@ class Worker:
         except Exception as error:  # noqa: BLE001 - a failed forward fails its batch, nothing more
             return {index: error for index in items}
 
-    def _precision_guard(self, candidate_precision: str) -> tuple[str, str]:
+    def _precision_guard(self, candidate_precision: str, items: list) -> tuple[str, str]:
         """The reduced precision if the model's check inputs keep their fp32 top-1, else fp32."""
         name = candidate_precision
-        items = [self.handler.decode(payload) for payload in self.handler.check_payloads()]
         if not items:
             return "fp32", f"{name} refused: the model has no check inputs for the accuracy guard"
         reference = self._forward(items, "fp32")
@@ -258,14 +260,13 @@ class Worker:
             return name, f"accuracy guard passed: {name} top-1 agrees with fp32 on {share:.1%} of {total} check outputs"
         return "fp32", f"accuracy guard failed: {name} top-1 agrees with fp32 on only {share:.1%} of {total}; using fp32"
 
-    def _compile(self, backend: str, timeout_s: int) -> None:
+    def _compile(self, backend: str, timeout_s: int, items: list) -> None:
         """torch.compile, proven by a warm-up forward on the check inputs; any failure -> eager.
 
         Compiling happens at init, not on a user's first request, and a failure (no triton, no
         C++ compiler, a backend error, running past ``timeout_s``) costs one warning line, never
         the worker.
         """
-        items = [self.handler.decode(payload) for payload in self.handler.check_payloads()]
         if not items:
             log.warning("%s: tuning: compile=%s skipped: no check inputs to compile and prove it on; eager", self.model_name, backend)
             return
@@ -293,8 +294,6 @@ class Worker:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             try:
                 outputs = self.handler.forward(self.runner, batch)
-            except torch.OutOfMemoryError:
-                raise
             except Exception as error:
                 if self.runner is self.model or not eager_on_compile_error or not _is_compile_error(error):
                     raise
@@ -402,26 +401,27 @@ def _is_describe(context: Any) -> bool:
 
 
 class _busy_marker:
-    """A file named after this worker's pid while it handles a batch, in the folder the launch
-    path names (GS_BUSY_DIR), so a draining server knows what is still in flight. A no-op on a
-    stock TorchServe, where the variable is unset."""
+    """``path`` exists while this worker handles a batch, so a draining server knows what is
+    still in flight. ``path`` is None (a no-op) on a stock TorchServe, where the launch path's
+    GS_BUSY_DIR is unset."""
 
-    def __init__(self):
-        folder = os.environ.get(BUSY_DIR_VAR)
-        self.path = Path(folder) / str(os.getpid()) if folder else None
+    def __init__(self, path: Path | None):
+        self.path = path
 
     def __enter__(self):
         if self.path is not None:
-            try:
-                self.path.touch()
-            except OSError:
-                self.path = None
+            self.path.touch()
         return self
 
     def __exit__(self, *exc):
         if self.path is not None:
             self.path.unlink(missing_ok=True)
         return False
+
+
+def _busy_path() -> Path | None:
+    folder = os.environ.get(BUSY_DIR_VAR)
+    return Path(folder) / str(os.getpid()) if folder and Path(folder).is_dir() else None
 
 
 class EntryPoint:
@@ -433,14 +433,16 @@ class EntryPoint:
     def __init__(self, make_handler: Callable[[], ModelHandler]):
         self.make_handler = make_handler
         self.worker: Worker | None = None
+        self.busy = _busy_marker(None)  # found once the worker starts
 
     def __call__(self, data: Any, context: Any) -> Any:
         if self.worker is None:
             self.worker = Worker(self.make_handler(), context)
+            self.busy = _busy_marker(_busy_path())
             log.info("%s: ready on %s, pid %d", self.worker.model_name, self.worker.device, os.getpid())
         if data is None:
             return None
-        with _busy_marker():
+        with self.busy:
             return self.worker.handle(data, context)
 
 

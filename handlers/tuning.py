@@ -223,19 +223,18 @@ def decide_precision(requested: str, device: torch.device, features: CpuFeatures
 def launch_env_report(environ: dict[str, str] | None = None, machine: str | None = None) -> str:
     environ = os.environ if environ is None else environ
     expected = launch_settings(machine)
-    found = [f"{key}={environ[key]}" for key in (*expected, "THP_MEM_ALLOC_ENABLE", "DNNL_DEFAULT_FPMATH_MODE")
-             if key in environ]
+    # Also what an operator may set beyond ours (THP on x86, oneDNN's fast math): reported, not required.
+    reported = dict.fromkeys((*expected, "THP_MEM_ALLOC_ENABLE", "DNNL_DEFAULT_FPMATH_MODE"))
+    found = [f"{key}={environ[key]}" for key in reported if key in environ]
     missing = [key for key in expected if key not in environ]
-    return "launch env " + (" ".join(dict.fromkeys(found)) or "none") + (f" (not set: {', '.join(missing)})" if missing else "")
+    return "launch env " + (" ".join(found) or "none") + (f" (not set: {', '.join(missing)})" if missing else "")
 
 
 @dataclass
 class Tuning:
     threads: int
     precision: str
-    cores: list[int]
-    claim: CoreClaim | None
-    reason: str
+    claim: CoreClaim | None  # held for the worker's lifetime: its locks are its cores
 
 
 def configure(model_name: str, device: torch.device, requested_precision: str, cores_wanted: int = 0,
@@ -243,7 +242,8 @@ def configure(model_name: str, device: torch.device, requested_precision: str, c
     """Claim cores, set torch's threads once and decide the precision; log it all as one line."""
     claim = None
     if cores_wanted and device.type == "cpu":
-        usable = allowed_cpus()[: usable_cpus()]
+        allowed = allowed_cpus()
+        usable = allowed[: usable_cpus(affinity=len(allowed))]
         claim = CoreClaim.take(cores_wanted, usable, core_lock_dir())
         if claim.cores:
             pin_process(claim.cores)
@@ -265,4 +265,4 @@ def configure(model_name: str, device: torch.device, requested_precision: str, c
     reason = (f"threads={threads} {interop} ({thread_reason}); precision={precision} ({precision_reason}); "
               f"{launch_env_report()}")
     log.info("%s: tuning: device=%s %s", model_name, device, reason)
-    return Tuning(threads, precision, claim.cores if claim else [], claim, reason)
+    return Tuning(threads, precision, claim)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import zipfile
 from pathlib import Path
 
 import psutil
 import pytest
 
+from graviton_serve.archive import unpack_archive
 from graviton_serve.demo_store import build_demo_store
 from graviton_serve.paths import CONFIG_FILE, MODEL_STORE
 from graviton_serve.server import Ports, TorchServe
@@ -27,8 +27,7 @@ def mnist_mar() -> Path:
 def mnist_dir(mnist_mar, tmp_path_factory) -> Path:
     """mnist.mar unpacked, as TorchServe unpacks it for a worker."""
     folder = tmp_path_factory.mktemp("mnist_model")
-    with zipfile.ZipFile(mnist_mar) as archive:
-        archive.extractall(folder)
+    unpack_archive(mnist_mar, folder)
     return folder
 
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,26 +16,21 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-import yaml
 
-from graviton_serve.archive import run_archiver
-from graviton_serve.paths import HANDLERS_DIR, ROOT
+from graviton_serve.archive import ArchiveSpec, build_archive
+from graviton_serve.paths import ROOT
 from graviton_serve.server import Ports, TorchServe
 from tests.conftest import TESTS
 
 CONTAINER_CONFIG = ROOT / "docker" / "config.properties"
 
 
-def slow_archive(store: Path) -> Path:
-    with tempfile.TemporaryDirectory() as work:
-        extras = Path(work) / "extras"
-        shutil.copytree(HANDLERS_DIR, extras / "handlers", ignore=shutil.ignore_patterns("__pycache__"))
-        config = Path(work) / "model-config.yaml"
-        config.write_text(yaml.safe_dump({"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1,
-                                          "responseTimeout": 60}))
-        weights = Path(work) / "none.pt"
-        weights.write_bytes(b"")
-        return run_archiver("slow", weights, TESTS / "slow_handler.py", store, extras=extras, config_file=config)
+def slow_archive(store: Path, work: Path) -> Path:
+    weights = work / "none.pt"
+    weights.write_bytes(b"")
+    spec = ArchiveSpec("slow", "", weights, {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1,
+                                             "responseTimeout": 60}, {}, handler_file=TESTS / "slow_handler.py")
+    return build_archive(spec, store)
 
 
 def loopback_config(path: Path, ports: Ports) -> Path:
@@ -112,7 +105,7 @@ def containers():
 @pytest.fixture
 def store(tmp_path) -> Path:
     folder = tmp_path / "store"
-    slow_archive(folder)
+    slow_archive(folder, tmp_path)
     return folder
 
 
