@@ -10,6 +10,7 @@ batch's length.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -290,8 +291,7 @@ class Worker:
 
     def _forward(self, items: list, precision: str | None = None, eager_on_compile_error: bool = True) -> list:
         batch = _to_device(self.handler.collate(items), self.device)
-        dtype = AUTOCAST_DTYPES.get(precision or self.precision)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with torch.inference_mode(), self._precision_mode(precision or self.precision):
             try:
                 outputs = self.handler.forward(self.runner, batch)
             except Exception as error:
@@ -304,6 +304,15 @@ class Worker:
         if len(rows) != len(items):
             raise RuntimeError(f"{type(self.handler).__name__}.split returned {len(rows)} rows for {len(items)} items")
         return rows
+
+    def _precision_mode(self, precision: str):
+        if self.tuning.fast_math:
+            # oneDNN runs this whole process's fp32 GEMMs and convolutions in bf16 (set at launch;
+            # it cannot change once torch has started): bf16 is the default path, and fp32 means
+            # keeping oneDNN out (exact fp32, slower convolutions).
+            return contextlib.nullcontext() if precision == "bf16" else torch.backends.mkldnn.flags(enabled=False)
+        dtype = AUTOCAST_DTYPES.get(precision)
+        return torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     def _log_failure(self, index: int, error: BaseException) -> BaseException:
         if isinstance(error, RequestError):

@@ -2,7 +2,9 @@
 environment, because they must be in place before a worker imports torch. No torch import here:
 the launch path reads this too. The worker reports what it found (handlers.tuning)."""
 
-import platform
+from __future__ import annotations
+
+from handlers.cpu_features import CpuFeatures
 
 # oneDNN's primitive cache: inputs of varying shape (text batches) reuse built primitives.
 LAUNCH_ENV = {"LRU_CACHE_CAPACITY": "1024"}
@@ -10,17 +12,25 @@ LAUNCH_ENV = {"LRU_CACHE_CAPACITY": "1024"}
 # aarch64: on the x86 machine we measured (AMD EPYC, 2 CPUs) it made ResNet50 slower, batch 1
 # 138/123 ms -> 157/167 ms and batch 8 795/817 ms -> 824/864 ms (two runs each).
 AARCH64_LAUNCH_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+# oneDNN fast math: fp32 GEMMs and convolutions computed in bf16 (ACL's bf16 kernels), on an Arm
+# CPU with bf16 (Graviton3 on). oneDNN reads it once, when torch loads: set after `import torch`,
+# even before the first operation, it has no effect (tests/test_aarch64.py shows both). So it is
+# the launch path's to set, not the worker's.
+FAST_MATH_VAR = "DNNL_DEFAULT_FPMATH_MODE"
+FAST_MATH_BF16 = {FAST_MATH_VAR: "BF16"}
 CORE_LOCK_DIR_VAR = "GS_CORE_LOCK_DIR"  # one folder per server: its workers' core claims
 BUSY_DIR_VAR = "GS_BUSY_DIR"  # one folder per server: a file per worker while it handles a batch (for draining)
 
 
-def launch_settings(machine: str | None = None) -> dict[str, str]:
-    machine = (machine or platform.machine()).lower()
-    return {**LAUNCH_ENV, **(AARCH64_LAUNCH_ENV if machine in ("aarch64", "arm64") else {})}
+def launch_settings(features: CpuFeatures | None = None) -> dict[str, str]:
+    features = features or CpuFeatures.detect()
+    if not features.is_arm:
+        return dict(LAUNCH_ENV)
+    return {**LAUNCH_ENV, **AARCH64_LAUNCH_ENV, **(FAST_MATH_BF16 if features.bf16 else {})}
 
 
 def launch_environment(environ: dict[str, str], core_lock_dir: str, busy_dir: str = "",
-                       machine: str | None = None) -> dict[str, str]:
+                       features: CpuFeatures | None = None) -> dict[str, str]:
     """``environ`` plus our launch settings; a value the operator already set wins."""
     folders = {CORE_LOCK_DIR_VAR: core_lock_dir, **({BUSY_DIR_VAR: busy_dir} if busy_dir else {})}
-    return {**launch_settings(machine), **environ, **folders}
+    return {**launch_settings(features), **environ, **folders}

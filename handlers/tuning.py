@@ -11,92 +11,42 @@ Decides, from what the kernel reports rather than from guesses:
   model's worker count; OMP_NUM_THREADS overrides. Inter-op threads: 1;
 - precision: on the CPU, bf16 only where it is native (x86 ``avx512_bf16``/``amx_bf16`` flags in
   /proc/cpuinfo; aarch64 HWCAP2_BF16 from getauxval, since under qemu-user /proc/cpuinfo shows
-  the host). On CUDA, fp16 before compute capability 8.0 (T4G on G5g is 7.5), bf16 from 8.0.
+  the host). How: on Arm, oneDNN fast math when the launch path turned it on
+  (DNNL_DEFAULT_FPMATH_MODE=BF16: the model stays fp32, GEMMs and convolutions run in bf16),
+  else autocast. On CUDA, fp16 before compute capability 8.0 (T4G on G5g is 7.5), bf16 from 8.0.
   Either way the core then checks that the model's own check inputs keep their top-1;
-- launch settings that must be in place before torch starts (the allocator and oneDNN's
-  primitive cache) are set by the launch path; the worker reports what it found.
+- launch settings that must be in place before torch starts (the allocator, oneDNN's primitive
+  cache and fast math) are set by the launch path; the worker reports what it found.
 """
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import logging
 import math
 import os
-import platform
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from handlers.launch import CORE_LOCK_DIR_VAR, launch_settings
+from handlers.cpu_features import CpuFeatures, read_text
+from handlers.launch import CORE_LOCK_DIR_VAR, FAST_MATH_VAR, launch_settings
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-AT_HWCAP2 = 26
-HWCAP2_BF16 = 1 << 14
-X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-@dataclass(frozen=True)
-class CpuFeatures:
-    machine: str  # "x86_64", "aarch64", ...
-    bf16: bool
-    evidence: str  # what the decision rests on, for the log line
-
-    @classmethod
-    def detect(cls) -> "CpuFeatures":
-        machine = platform.machine().lower()
-        if machine in ("aarch64", "arm64"):
-            return cls.from_hwcap2(machine, _getauxval(AT_HWCAP2))
-        return cls.from_cpuinfo(machine, _read("/proc/cpuinfo"))
-
-    @classmethod
-    def from_hwcap2(cls, machine: str, hwcap2: int | None) -> "CpuFeatures":
-        if hwcap2 is None:
-            return cls(machine, False, "getauxval(AT_HWCAP2) unavailable")
-        has = bool(hwcap2 & HWCAP2_BF16)
-        return cls(machine, has, f"HWCAP2_BF16 {'set' if has else 'clear'}")
-
-    @classmethod
-    def from_cpuinfo(cls, machine: str, cpuinfo: str) -> "CpuFeatures":
-        flags: set[str] = set()
-        for line in cpuinfo.splitlines():
-            if line.startswith("flags"):
-                flags = set(line.partition(":")[2].split())
-                break
-        found = [flag for flag in X86_BF16_FLAGS if flag in flags]
-        return cls(machine, bool(found), f"cpuinfo flags: {', '.join(found) or 'no avx512_bf16/amx_bf16'}")
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
-
-
-def _getauxval(kind: int) -> int | None:
-    try:
-        libc = ctypes.CDLL(None)
-        libc.getauxval.restype = ctypes.c_ulong
-        libc.getauxval.argtypes = [ctypes.c_ulong]
-        return int(libc.getauxval(kind))
-    except (OSError, AttributeError):
-        return None
 
 
 def cgroup_cpu_limit(cgroup_root: str = "/sys/fs/cgroup") -> float | None:
     """CPUs allowed by a cgroup quota (v2 cpu.max or v1 cfs quota/period), or None for no limit."""
     root = Path(cgroup_root)
-    v2 = _read(str(root / "cpu.max")).split()
+    v2 = read_text(str(root / "cpu.max")).split()
     if len(v2) == 2 and v2[0] != "max":
         return int(v2[0]) / int(v2[1])
-    quota = _read(str(root / "cpu" / "cpu.cfs_quota_us")).strip() or _read(str(root / "cpu.cfs_quota_us")).strip()
-    period = _read(str(root / "cpu" / "cpu.cfs_period_us")).strip() or _read(str(root / "cpu.cfs_period_us")).strip()
+    quota = read_text(str(root / "cpu" / "cpu.cfs_quota_us")).strip() or read_text(str(root / "cpu.cfs_quota_us")).strip()
+    period = read_text(str(root / "cpu" / "cpu.cfs_period_us")).strip() or read_text(str(root / "cpu.cfs_period_us")).strip()
     if quota.lstrip("-").isdigit() and period.isdigit() and int(quota) > 0:
         return int(quota) / int(period)
     return None
@@ -198,11 +148,19 @@ def cuda_capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
+def fast_math_on(device: torch.device, features: CpuFeatures, environ: dict[str, str] | None = None) -> bool:
+    """oneDNN fast math is in force in this process: an Arm CPU with bf16, and the launch path
+    set DNNL_DEFAULT_FPMATH_MODE before torch started (oneDNN reads it only then)."""
+    environ = os.environ if environ is None else environ
+    return (device.type == "cpu" and features.is_arm and features.bf16
+            and environ.get(FAST_MATH_VAR, "").upper() in ("BF16", "ANY"))
+
+
 def decide_precision(requested: str, device: torch.device, features: CpuFeatures,
-                     capability: tuple[int, int] | None = None) -> tuple[str, str]:
+                     capability: tuple[int, int] | None = None, fast_math: bool = False) -> tuple[str, str]:
     """fp32, bf16 or fp16, and why. Reduced precision still has to pass the core's accuracy guard."""
     if requested == "fp32":
-        return "fp32", "model-config asks for fp32"
+        return "fp32", "model-config asks for fp32" + (" (oneDNN kept out: fast math is on in this process)" if fast_math else "")
     if device.type == "cuda":
         native = "bf16" if capability and capability >= (8, 0) else "fp16"
         where = f"CUDA compute capability {capability[0]}.{capability[1]}" if capability else "CUDA"
@@ -213,18 +171,19 @@ def decide_precision(requested: str, device: torch.device, features: CpuFeatures
         return requested, f"model-config asks for {requested}"
     if requested == "fp16":
         return "fp32", "fp16 is for CUDA; the CPU runs fp32"
+    how = f"oneDNN fast math ({FAST_MATH_VAR} set at launch)" if fast_math else "autocast"
     if requested == "bf16":
-        return "bf16", "model-config asks for bf16" + ("" if features.bf16 else f" (no native bf16: {features.evidence})")
+        return "bf16", f"model-config asks for bf16, by {how}" + ("" if features.bf16 else f" (no native bf16: {features.evidence})")
     if features.bf16:
-        return "bf16", f"native bf16 ({features.evidence})"
+        return "bf16", f"native bf16 ({features.evidence}), by {how}"
     return "fp32", f"no native bf16 ({features.evidence})"
 
 
-def launch_env_report(environ: dict[str, str] | None = None, machine: str | None = None) -> str:
+def launch_env_report(environ: dict[str, str] | None = None, features: CpuFeatures | None = None) -> str:
     environ = os.environ if environ is None else environ
-    expected = launch_settings(machine)
+    expected = launch_settings(features)
     # Also what an operator may set beyond ours (THP on x86, oneDNN's fast math): reported, not required.
-    reported = dict.fromkeys((*expected, "THP_MEM_ALLOC_ENABLE", "DNNL_DEFAULT_FPMATH_MODE"))
+    reported = dict.fromkeys((*expected, "THP_MEM_ALLOC_ENABLE", FAST_MATH_VAR))
     found = [f"{key}={environ[key]}" for key in reported if key in environ]
     missing = [key for key in expected if key not in environ]
     return "launch env " + (" ".join(found) or "none") + (f" (not set: {', '.join(missing)})" if missing else "")
@@ -235,6 +194,7 @@ class Tuning:
     threads: int
     precision: str
     claim: CoreClaim | None  # held for the worker's lifetime: its locks are its cores
+    fast_math: bool  # oneDNN computes fp32 GEMMs/convolutions in bf16 in this whole process
 
 
 def configure(model_name: str, device: torch.device, requested_precision: str, cores_wanted: int = 0,
@@ -261,8 +221,10 @@ def configure(model_name: str, device: torch.device, requested_precision: str, c
         interop = "inter-op 1"
     except RuntimeError:  # the inter-op pool already started: too late to size it
         interop = f"inter-op {torch.get_num_interop_threads()} (already started)"
-    precision, precision_reason = decide_precision(requested_precision, device, CpuFeatures.detect(), cuda_capability(device))
+    features = CpuFeatures.detect()
+    fast_math = fast_math_on(device, features)
+    precision, precision_reason = decide_precision(requested_precision, device, features, cuda_capability(device), fast_math)
     reason = (f"threads={threads} {interop} ({thread_reason}); precision={precision} ({precision_reason}); "
-              f"{launch_env_report()}")
+              f"{launch_env_report(features=features)}")
     log.info("%s: tuning: device=%s %s", model_name, device, reason)
-    return Tuning(threads, precision, claim)
+    return Tuning(threads, precision, claim, fast_math)

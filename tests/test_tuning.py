@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from handlers import tuning
 from handlers.core import CORE_SETTINGS, read_settings
+from handlers.cpu_features import HWCAP2_BF16, CpuFeatures
 from handlers.launch import launch_environment
-from handlers.tuning import (CoreClaim, CpuFeatures, cgroup_cpu_limit, decide_precision, decide_threads,
+from handlers.tuning import (CoreClaim, cgroup_cpu_limit, decide_precision, decide_threads, fast_math_on,
                              launch_env_report, usable_cpus)
 from tests.conftest import TESTS
 from tests.inprocess import load_model_dir, load_service, predict, request
@@ -25,7 +25,7 @@ def test_x86_bf16_comes_from_cpuinfo_flags():
 
 
 def test_aarch64_bf16_comes_from_hwcap2():
-    graviton3 = CpuFeatures.from_hwcap2("aarch64", tuning.HWCAP2_BF16 | 0b11)
+    graviton3 = CpuFeatures.from_hwcap2("aarch64", HWCAP2_BF16 | 0b11)
     graviton2 = CpuFeatures.from_hwcap2("aarch64", 0b11)
     assert graviton3.bf16 and "HWCAP2_BF16 set" in graviton3.evidence
     assert not graviton2.bf16
@@ -92,17 +92,42 @@ def test_bad_cores_setting_is_named(value):
         read_settings({"handler": {"cores": value}}, CORE_SETTINGS)
 
 
+GRAVITON3 = CpuFeatures("aarch64", True, "HWCAP2_BF16 set")
+GRAVITON2 = CpuFeatures("aarch64", False, "HWCAP2_BF16 clear")
+EPYC = CpuFeatures("x86_64", False, "no avx512_bf16/amx_bf16")
+
+
 def test_launch_env_is_reported_not_guessed():
-    assert "not set: THP_MEM_ALLOC_ENABLE" in launch_env_report({"LRU_CACHE_CAPACITY": "1024"}, machine="aarch64")
-    assert launch_env_report({"LRU_CACHE_CAPACITY": "1024"}, machine="x86_64") == "launch env LRU_CACHE_CAPACITY=1024"
-    assert "not set: LRU_CACHE_CAPACITY" in launch_env_report({}, machine="x86_64")
+    assert "not set: THP_MEM_ALLOC_ENABLE" in launch_env_report({"LRU_CACHE_CAPACITY": "1024"}, features=GRAVITON2)
+    assert launch_env_report({"LRU_CACHE_CAPACITY": "1024"}, features=EPYC) == "launch env LRU_CACHE_CAPACITY=1024"
+    assert "not set: LRU_CACHE_CAPACITY" in launch_env_report({}, features=EPYC)
+    assert "not set: LRU_CACHE_CAPACITY, THP_MEM_ALLOC_ENABLE, DNNL_DEFAULT_FPMATH_MODE" in launch_env_report({}, features=GRAVITON3)
 
 
-def test_launch_path_sets_huge_pages_only_on_aarch64_and_the_operator_wins():
-    graviton = launch_environment({}, "/locks", machine="aarch64")
-    assert graviton["THP_MEM_ALLOC_ENABLE"] == "1" and graviton["LRU_CACHE_CAPACITY"] == "1024"
-    assert "THP_MEM_ALLOC_ENABLE" not in launch_environment({}, "/locks", machine="x86_64")
+def test_launch_path_sets_huge_pages_on_aarch64_fast_math_where_bf16_and_the_operator_wins():
+    graviton3 = launch_environment({}, "/locks", features=GRAVITON3)
+    assert graviton3["THP_MEM_ALLOC_ENABLE"] == "1" and graviton3["LRU_CACHE_CAPACITY"] == "1024"
+    assert graviton3["DNNL_DEFAULT_FPMATH_MODE"] == "BF16"
+    graviton2 = launch_environment({}, "/locks", features=GRAVITON2)
+    assert graviton2["THP_MEM_ALLOC_ENABLE"] == "1" and "DNNL_DEFAULT_FPMATH_MODE" not in graviton2
+    x86 = launch_environment({}, "/locks", features=CpuFeatures("x86_64", True, "avx512_bf16"))
+    assert "THP_MEM_ALLOC_ENABLE" not in x86 and "DNNL_DEFAULT_FPMATH_MODE" not in x86
     assert launch_environment({"LRU_CACHE_CAPACITY": "64"}, "/locks")["LRU_CACHE_CAPACITY"] == "64"
+    assert launch_environment({"DNNL_DEFAULT_FPMATH_MODE": "STRICT"}, "/locks", features=GRAVITON3)["DNNL_DEFAULT_FPMATH_MODE"] == "STRICT"
+
+
+def test_fast_math_counts_only_on_arm_with_bf16_and_the_variable_set():
+    on = {"DNNL_DEFAULT_FPMATH_MODE": "BF16"}
+    assert fast_math_on(CPU, GRAVITON3, on)
+    assert not fast_math_on(CPU, GRAVITON3, {})
+    assert not fast_math_on(CPU, GRAVITON3, {"DNNL_DEFAULT_FPMATH_MODE": "STRICT"})
+    assert not fast_math_on(CPU, GRAVITON2, on)
+    assert not fast_math_on(CPU, CpuFeatures("x86_64", True, "avx512_bf16"), on)  # x86 Linear is MKL's: autocast there
+    assert not fast_math_on(torch.device("cuda"), GRAVITON3, on)
+    precision, why = decide_precision("auto", CPU, GRAVITON3, fast_math=True)
+    assert precision == "bf16" and "oneDNN fast math" in why
+    assert "autocast" in decide_precision("auto", CPU, GRAVITON3)[1]
+    assert "oneDNN kept out" in decide_precision("fp32", CPU, GRAVITON3, fast_math=True)[1]
 
 
 def test_cgroup_quota_v2_and_v1(tmp_path):
