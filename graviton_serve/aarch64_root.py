@@ -64,6 +64,10 @@ class RootError(RuntimeError):
     """A step that cannot be done here, with what to do about it."""
 
 
+class NeedsRoot(RootError):
+    """Not running as root: nothing can be built (the one case the tests skip for)."""
+
+
 @dataclass(frozen=True)
 class Aarch64Python:
     """How to run the root's Python 3.11 under emulation as a given CPU."""
@@ -110,7 +114,7 @@ def ensure_root(cache_dir: Path = CACHE_DIR) -> Aarch64Python:
 
 def _require_root_user() -> None:
     if os.geteuid() != 0:
-        raise RootError("building the aarch64 root needs root (debootstrap, chroot, binfmt_misc); "
+        raise NeedsRoot("building the aarch64 root needs root (debootstrap, chroot, binfmt_misc); "
                         "run scripts/aarch64-root with sudo, then the tests as any user")
 
 

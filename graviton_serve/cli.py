@@ -3,17 +3,20 @@
     python -m graviton_serve.cli setup            # Java check + gRPC stubs
     python -m graviton_serve.cli build-store      # the offline demo model store (cached)
     python -m graviton_serve.cli serve [--stop | --foreground]
+    python -m graviton_serve.cli aarch64-root [--optional]   # the emulated arm64 root (cached)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import zipfile
 from pathlib import Path
 
+from graviton_serve.aarch64_root import NeedsRoot, RootError, ensure_root
 from graviton_serve.bench import benchmark
 from graviton_serve.bench_workloads import WORKLOADS, workloads
 from graviton_serve.demo_store import DEMO_MODELS, build_demo_store, build_text_archive, build_vision_archive
@@ -104,6 +107,19 @@ def serve(stop: bool, foreground: bool) -> int:
     return 0
 
 
+def build_aarch64_root(optional: bool) -> int:
+    # Stopped (scripts/test stops it when the store build fails): unwind, so that what the build
+    # mounted and registered is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        ensure_root()
+    except NeedsRoot as error:
+        if not optional:
+            raise
+        say(f"aarch64 root: not built: {error}; the aarch64 tests will be skipped")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="graviton_serve")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = serve_parser.add_mutually_exclusive_group()
     mode.add_argument("--stop", action="store_true", help="stop the server and wait until its processes exit")
     mode.add_argument("--foreground", action="store_true", help="stay in the foreground; SIGTERM stops cleanly")
+    arm = commands.add_parser("aarch64-root", help="build the arm64 root the emulated aarch64 tests run in (cached; as root)")
+    arm.add_argument("--optional", action="store_true", help="without root privileges, say so and exit 0 (the tests then skip)")
     args = parser.parse_args(argv)
     try:
         if args.command == "setup":
@@ -149,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             build_text_archive(args.name, args.task, args.source, args.store)
         elif args.command == "build-vision":
             build_vision_archive(args.name, args.architecture, args.weights, args.store, args.weights_file)
+        elif args.command == "aarch64-root":
+            return build_aarch64_root(args.optional)
         else:
             return serve(args.stop, args.foreground)
-    except (JavaNotFound, ConfigError, ServerError) as error:
+    except (JavaNotFound, ConfigError, ServerError, RootError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

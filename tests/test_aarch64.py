@@ -46,7 +46,7 @@ def arm_python() -> aarch64_root.Aarch64Python:
         return ready
     try:
         return aarch64_root.ensure_root()
-    except aarch64_root.RootError as error:
+    except aarch64_root.NeedsRoot as error:  # any other failure to build fails the tests
         pytest.skip(f"no aarch64 root: {error}")
 
 
@@ -128,6 +128,7 @@ def models(tmp_path_factory, mnist_dir) -> dict[str, dict]:
 
 def with_precision(model: dict, precision: str, folder: Path) -> dict:
     """A copy of the model whose model-config.yaml asks for ``precision``."""
+    folder = folder / model["dir"].name
     shutil.copytree(model["dir"], folder)
     config_file = folder / "model-config.yaml"
     config = yaml.safe_load(config_file.read_text())
@@ -257,7 +258,9 @@ def test_graviton3_decides_bf16_from_the_capability_bits_and_runs_acl_fast_math(
 @pytest.mark.parametrize("name", ["bert_sentiment", "bert_fill_mask", "mnist"])
 def test_graviton3_outputs_move_from_fp32_but_keep_their_answers(graviton3, x86_fp32, name):
     replies = graviton3["result"]["answers"][name]["replies"]
-    assert compare(replies, x86_fp32[name], BF16_TOLERANCE) > FP32_TOLERANCE  # bf16 moved the scores
+    moved = compare(replies, x86_fp32[name], BF16_TOLERANCE)
+    print(f"{name}: Graviton3 bf16 fast math vs x86 fp32: largest score change {moved:.6f}")
+    assert moved > FP32_TOLERANCE  # bf16 really moved the scores
 
 
 def test_graviton2_decides_fp32_without_fast_math(graviton2):
@@ -272,7 +275,7 @@ def test_graviton2_decides_fp32_without_fast_math(graviton2):
 def test_every_handler_family_answers_a_batch_with_a_bad_item_as_on_x86(graviton2, x86_fp32, name):
     replies = graviton2["result"]["answers"][name]["replies"]
     assert 400 in [reply["status"] for reply in replies] and 200 in [reply["status"] for reply in replies]
-    compare(replies, x86_fp32[name], FP32_TOLERANCE)
+    print(f"{name}: Graviton2 fp32 vs x86 fp32: largest score change {compare(replies, x86_fp32[name], FP32_TOLERANCE):.6f}")
 
 
 def test_threads_follow_the_emulated_process_affinity(late_fast_math, graviton2):
@@ -281,7 +284,8 @@ def test_threads_follow_the_emulated_process_affinity(late_fast_math, graviton2)
     assert probe["threads"] == probe["torch_threads"] == 1
     assert "threads=1 inter-op 1 (1 usable CPUs" in tuning_line(probe, "probe")
     everywhere = len(os.sched_getaffinity(0))
-    assert f"threads={everywhere} inter-op 1 ({everywhere} usable CPUs" in tuning_line(graviton2["result"], "mnist")
+    first_model = tuning_line(graviton2["result"], "bert_sentiment")  # later models share its started pools
+    assert f"threads={everywhere} inter-op 1 ({everywhere} usable CPUs" in first_model
 
 
 def test_fast_math_must_be_set_before_torch_starts(graviton3, late_fast_math):
