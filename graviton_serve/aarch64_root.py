@@ -92,7 +92,8 @@ def ready_python(cache_dir: Path = CACHE_DIR) -> Aarch64Python | None:
     """The root's Python if it was built and its packages match what is asked now, else None."""
     root = root_dir(cache_dir)
     stamp = _read_stamp(root)
-    if stamp is None or stamp.get("packages") != _package_recipe(stamp.get("torch", "")):
+    # Rebuilt when the project's pin moves (the new one is tried) or this venv's versions change.
+    if stamp is None or stamp.get("pin") != _project_pin("torch") or stamp.get("packages") != _package_recipe(stamp.get("torch", "")):
         return None
     return Aarch64Python(root, stamp["torch"])
 
@@ -254,7 +255,8 @@ def _read_stamp(root: Path) -> dict | None:
 
 
 def _write_stamp(root: Path, torch_version: str) -> None:
-    _stamp_path(root).write_text(json.dumps({"torch": torch_version, "packages": _package_recipe(torch_version)}))
+    stamp = {"pin": _project_pin("torch"), "torch": torch_version, "packages": _package_recipe(torch_version)}
+    _stamp_path(root).write_text(json.dumps(stamp))
 
 
 def _last_line(text: str) -> str:

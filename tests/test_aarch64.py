@@ -297,3 +297,9 @@ def test_fast_math_must_be_set_before_torch_starts(graviton3, late_fast_math):
     at_start, too_late = acl_gemms(graviton3["verbose"]), acl_gemms(late_fast_math["verbose"])
     assert at_start and all("attr-fpmath:bf16" in line for line in at_start)
     assert too_late and not any("fpmath:bf16" in line or "wei:bf16" in line for line in too_late)
+
+
+def test_the_root_build_left_nothing_mounted_in_the_root(arm_python):
+    root = str(arm_python.root.resolve()) + "/"
+    mounted = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    assert not [point for point in mounted if point.startswith(root)]
