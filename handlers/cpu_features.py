@@ -11,6 +11,7 @@ from pathlib import Path
 AT_HWCAP2 = 26
 HWCAP2_BF16 = 1 << 14
 X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+ARM_MACHINES = ("aarch64", "arm64")  # what platform.machine() says on Linux and on macOS
 
 
 @dataclass(frozen=True)
@@ -21,12 +22,12 @@ class CpuFeatures:
 
     @property
     def is_arm(self) -> bool:
-        return self.machine in ("aarch64", "arm64")
+        return self.machine in ARM_MACHINES
 
     @classmethod
     def detect(cls) -> "CpuFeatures":
         machine = platform.machine().lower()
-        if machine in ("aarch64", "arm64"):
+        if machine in ARM_MACHINES:
             # The hardware capability bits, not /proc/cpuinfo: under qemu-user that shows the host.
             return cls.from_hwcap2(machine, _getauxval(AT_HWCAP2))
         return cls.from_cpuinfo(machine, read_text("/proc/cpuinfo"))

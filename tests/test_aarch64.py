@@ -10,6 +10,7 @@ emulated CPU runs one process for all its models, as a worker would run one mode
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import pytest
 import torch
 import torchvision
 import yaml
+from PIL import Image, ImageOps
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification
 
 from graviton_serve import aarch64_root
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.aarch64
 DRIVER = TESTS / "aarch64_driver.py"
 TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
 FP32_TOLERANCE = 2e-6  # scores are rounded to 6 decimals: the same fp32 model on two ISAs
+BF16_MOVES_AT_LEAST = 5e-6  # bf16 must move some score by more than two ISAs' fp32 ever did
 BF16_TOLERANCE = 0.05
 EMULATION_TIMEOUT_S = 600
 
@@ -105,9 +108,12 @@ def models(tmp_path_factory, mnist_dir) -> dict[str, dict]:
 
     folder = tmp_path_factory.mktemp("mnist")
     shutil.copytree(mnist_dir, folder, dirs_exist_ok=True)
+    digit = Image.open(TESTS / "data" / "digit.png").convert("L")
+    ambiguous = io.BytesIO()  # a 7 blended with its mirror image: about 0.65 "7", 0.29 "9", so bf16 shows
+    Image.blend(digit, ImageOps.mirror(digit), 0.5).save(ambiguous, format="PNG")
     built["mnist"] = {  # the demo's trained network: real digits
         "dir": folder, "handler": "mnist.py",
-        "requests": image_requests([(TESTS / "data" / "digit.png").read_bytes(), b"\x00garbage" * 50]),
+        "requests": image_requests([(TESTS / "data" / "digit.png").read_bytes(), b"\x00garbage" * 50, ambiguous.getvalue()]),
     }
 
     torch.manual_seed(2)
@@ -186,6 +192,8 @@ def graviton3(arm_python, models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("graviton3")
     launch_env = emulated_launch_env(arm_python, aarch64_root.GRAVITON3, folder)
     job = {"serve": [{"name": name, **models[name]} for name in ("bert_sentiment", "bert_fill_mask", "mnist")]}
+    # The same MNIST asking for fp32 in a fast-math process: oneDNN kept out.
+    job["serve"].append({"name": "mnist_fp32", **with_precision(models["mnist"], "fp32", folder)})
     result, verbose = emulate(arm_python, aarch64_root.GRAVITON3, job, folder, {**launch_env, "ONEDNN_VERBOSE": "1"})
     return {"launch_env": launch_env, "result": result, "verbose": verbose}
 
@@ -260,7 +268,13 @@ def test_graviton3_outputs_move_from_fp32_but_keep_their_answers(graviton3, x86_
     replies = graviton3["result"]["answers"][name]["replies"]
     moved = compare(replies, x86_fp32[name], BF16_TOLERANCE)
     print(f"{name}: Graviton3 bf16 fast math vs x86 fp32: largest score change {moved:.6f}")
-    assert moved > FP32_TOLERANCE  # bf16 really moved the scores
+    assert moved > BF16_MOVES_AT_LEAST  # bf16 really moved the scores
+
+
+def test_fp32_asked_for_under_fast_math_is_exact_fp32(graviton3, x86_fp32):
+    assert "precision=fp32 (model-config asks for fp32 (oneDNN kept out: fast math is on in this process))" in \
+        tuning_line(graviton3["result"], "mnist_fp32")
+    compare(graviton3["result"]["answers"]["mnist_fp32"]["replies"], x86_fp32["mnist"], FP32_TOLERANCE)
 
 
 def test_graviton2_decides_fp32_without_fast_math(graviton2):
