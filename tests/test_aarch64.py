@@ -70,6 +70,13 @@ def lay_out(folder: Path, handler: str, name: str, config: dict, serialized: str
     return folder
 
 
+def text_model(folder: Path, name: str, task: str, model, tokenizer, texts: list) -> dict:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return {"dir": lay_out(folder, "text.py", name, text_model_config(task), "model.safetensors"), "handler": "text.py",
+            "requests": text_requests(texts)}
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, mnist_dir) -> dict[str, dict]:
     """name -> {dir, handler, requests}. Fixed seeds; a bias margin keeps each top-1 clear of ties."""
@@ -82,14 +89,8 @@ def models(tmp_path_factory, mnist_dir) -> dict[str, dict]:
         label2id={label: i for i, label in enumerate(LABELS)}, **TINY)).eval()
     with torch.no_grad():
         sentiment.classifier.bias.copy_(torch.tensor([1.5, 0.0, -1.5]))
-    folder = tmp_path_factory.mktemp("sentiment")
-    sentiment.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    built["bert_sentiment"] = {
-        "dir": lay_out(folder, "text.py", "bert_sentiment", text_model_config("sentiment"), "model.safetensors"),
-        "handler": "text.py",
-        "requests": text_requests(["I love riding in self-driving cars!", b"\xff\xfe not UTF-8", "Terrible service, never again."]),
-    }
+    built["bert_sentiment"] = text_model(tmp_path_factory.mktemp("sentiment"), "bert_sentiment", "sentiment", sentiment, tokenizer,
+                                         ["I love riding in self-driving cars!", b"\xff\xfe not UTF-8", "Terrible service, never again."])
 
     torch.manual_seed(1)
     fill = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), **TINY)).eval()
@@ -97,14 +98,8 @@ def models(tmp_path_factory, mnist_dir) -> dict[str, dict]:
         bias = fill.get_output_embeddings().bias
         for margin, word in zip((12.0, 10.0, 8.0, 6.0, 4.0), ("paris", "london", "rome", "berlin", "madrid")):
             bias[tokenizer.convert_tokens_to_ids(word)] = margin
-    folder = tmp_path_factory.mktemp("fill_mask")
-    fill.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    built["bert_fill_mask"] = {
-        "dir": lay_out(folder, "text.py", "bert_fill_mask", text_model_config("fill-mask"), "model.safetensors"),
-        "handler": "text.py",
-        "requests": text_requests(["The capital of France is [MASK].", "no mask here", "[MASK] is older than <mask>."]),
-    }
+    built["bert_fill_mask"] = text_model(tmp_path_factory.mktemp("fill_mask"), "bert_fill_mask", "fill-mask", fill, tokenizer,
+                                         ["The capital of France is [MASK].", "no mask here", "[MASK] is older than <mask>."])
 
     folder = tmp_path_factory.mktemp("mnist")
     shutil.copytree(mnist_dir, folder, dirs_exist_ok=True)
