@@ -21,37 +21,34 @@ def _model_class(name: str):
 
 
 def check(value, type_name: str, path: str) -> list[str]:
-    if type_name in ("object", "Any"):
+    # KServe's classes spell containers list[X] / dict(str, X); the kubernetes client's List[X] / Dict[str, X].
+    if type_name in ("object", "Any", "ResourceQuantity", "IntOrString"):
         return []
-    if type_name.startswith("list["):
+    listed = re.fullmatch(r"(?:list|List)\[(.+)\]", type_name)
+    if listed:
         if not isinstance(value, list):
             return [f"{path}: expected a list"]
-        return [p for i, item in enumerate(value) for p in check(item, type_name[5:-1], f"{path}[{i}]")]
-    match = re.fullmatch(r"dict\((\w+), (.+)\)", type_name)
-    if match:
+        return [p for i, item in enumerate(value) for p in check(item, listed.group(1), f"{path}[{i}]")]
+    mapped = re.fullmatch(r"dict\(\w+, (.+)\)|Dict\[\w+, (.+)\]", type_name)
+    if mapped:
         if not isinstance(value, dict):
             return [f"{path}: expected a mapping"]
-        return [p for key, item in value.items() for p in check(item, match.group(2), f"{path}.{key}")]
+        item_type = mapped.group(1) or mapped.group(2)
+        return [p for key, item in value.items() for p in check(item, item_type, f"{path}.{key}")]
     primitives = {"str": str, "int": int, "bool": bool, "float": (int, float), "datetime": str}
     if type_name in primitives:
         ok = isinstance(value, primitives[type_name]) and not (type_name == "int" and isinstance(value, bool))
         return [] if ok else [f"{path}: expected {type_name}, got {value!r}"]
-    cls = _model_class(type_name)
-    if type_name in ("ResourceQuantity", "IntOrString"):
-        return []
     if not isinstance(value, dict):
         return [f"{path}: expected a {type_name} mapping"]
+    cls = _model_class(type_name)
     by_json_name = {json_name: attr for attr, json_name in cls.attribute_map.items()}
     problems = []
     for key, item in value.items():
         if key not in by_json_name:
             problems.append(f"{path}.{key}: no such field on {type_name}")
             continue
-        field_type = cls.openapi_types[by_json_name[key]]
-        if field_type in ("V1ResourceRequirements",) and isinstance(item, dict):
-            problems += [p for k in item if k not in ("limits", "requests", "claims") for p in [f"{path}.{key}.{k}: no such field"]]
-            continue
-        problems += check(item, field_type, f"{path}.{key}")
+        problems += check(item, cls.openapi_types[by_json_name[key]], f"{path}.{key}")
     return problems
 
 

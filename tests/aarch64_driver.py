@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 class TuningLines(logging.Handler):
@@ -37,9 +36,7 @@ class TuningLines(logging.Handler):
 
 
 def decode_value(value: dict):
-    if "b64" in value:
-        return base64.b64decode(value["b64"])
-    return value["json"] if "json" in value else value["text"]
+    return base64.b64decode(value["b64"]) if "b64" in value else value["text"]
 
 
 def serve(models: list[dict]) -> dict:
@@ -72,6 +69,7 @@ def late_fast_math() -> dict:
 
 
 def main(job_path: str, result_path: str) -> None:
+    sys.path.insert(0, str(ROOT))  # run as a script: the checkout's handlers/ and tests/
     job = json.loads(Path(job_path).read_text())
     lines = TuningLines()
     logging.getLogger().addHandler(lines)

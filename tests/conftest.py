@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import psutil
 import pytest
 
-from graviton_serve.archive import unpack_archive
+from graviton_serve.archive import ArchiveSpec, build_archive, unpack_archive
 from graviton_serve.demo_store import build_demo_store
 from graviton_serve.paths import CONFIG_FILE, MODEL_STORE
 from graviton_serve.server import Ports, TorchServe
@@ -33,10 +34,6 @@ def mnist_dir(mnist_mar, tmp_path_factory) -> Path:
 
 def mnist_variant(mnist_dir: Path, export_dir: Path, name: str, model_config: dict) -> Path:
     """The demo MNIST model repackaged under ``name`` with another model-config.yaml."""
-    import json
-
-    from graviton_serve.archive import ArchiveSpec, build_archive
-
     spec = ArchiveSpec(name=name, handler_module="mnist", weights=mnist_dir / "mnist.pt", model_config=model_config,
                        metadata=json.loads((mnist_dir / "metadata.json").read_text()))
     return build_archive(spec, export_dir)

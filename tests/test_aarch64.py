@@ -30,7 +30,8 @@ from graviton_serve.demo_text import LABELS, minilm_dir
 from graviton_serve.paths import HANDLERS_DIR, ROOT
 from graviton_serve.sample_data import photo
 from tests.conftest import TESTS
-from tests.inprocess import load_model_dir, load_service, predict, request
+from tests.aarch64_driver import serve
+from tests.inprocess import load_model_dir
 
 pytestmark = pytest.mark.aarch64
 
@@ -65,15 +66,11 @@ def image_requests(images: list[bytes]) -> list[dict]:
     return [{"value": {"b64": base64.b64encode(image).decode()}, "content_type": "application/octet-stream"} for image in images]
 
 
-def lay_out(folder: Path, handler: str, name: str, config: dict, serialized: str) -> Path:
-    load_model_dir(folder, HANDLERS_DIR / handler, name, config, serialized)
-    return folder
-
-
 def text_model(folder: Path, name: str, task: str, model, tokenizer, texts: list) -> dict:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return {"dir": lay_out(folder, "text.py", name, text_model_config(task), "model.safetensors"), "handler": "text.py",
+    return {"dir": load_model_dir(folder, HANDLERS_DIR / "text.py", name, text_model_config(task), "model.safetensors"),
+            "handler": "text.py",
             "requests": text_requests(texts)}
 
 
@@ -120,7 +117,8 @@ def models(tmp_path_factory, mnist_dir) -> dict[str, dict]:
     folder = tmp_path_factory.mktemp("resnet18")
     torch.save(network.state_dict(), folder / "model.pt")
     built["resnet18"] = {
-        "dir": lay_out(folder, "vision.py", "resnet18", vision_model_config("resnet18", "IMAGENET1K_V1"), "model.pt"),
+        "dir": load_model_dir(folder, HANDLERS_DIR / "vision.py", "resnet18", vision_model_config("resnet18", "IMAGENET1K_V1"),
+                              "model.pt"),
         "handler": "vision.py",
         "requests": image_requests([photo("flower").read_bytes(), b"\x00garbage" * 50]),
     }
@@ -140,18 +138,10 @@ def with_precision(model: dict, precision: str, folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def x86_fp32(models, tmp_path_factory) -> dict[str, list[dict]]:
-    """The reference: each model on this machine, fp32, through the same loader and Service."""
-    answers = {}
-    for name, model in models.items():
-        copy = with_precision(model, "fp32", tmp_path_factory.mktemp(f"x86_{name}"))
-        service = load_service(copy["dir"], copy["handler"], name=name)
-        requests = [request(_decoded(entry["value"]), entry["content_type"]) for entry in copy["requests"]]
-        answers[name] = [{"status": reply.status, "body": reply.json()} for reply in predict(service, requests)]
-    return answers
-
-
-def _decoded(value: dict):
-    return base64.b64decode(value["b64"]) if "b64" in value else value["text"]
+    """The reference: each model on this machine, fp32, through the driver's own serve()."""
+    folder = tmp_path_factory.mktemp("x86")
+    job = [{"name": name, **with_precision(model, "fp32", folder)} for name, model in models.items()]
+    return {name: answer["replies"] for name, answer in serve(job)["answers"].items()}
 
 
 # -- emulated runs ------------------------------------------------------------------------------

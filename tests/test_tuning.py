@@ -16,6 +16,10 @@ from tests.inprocess import load_model_dir, load_service, predict, request
 CPU = torch.device("cpu")
 ZEN4 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"
 ZEN3 = "processor\t: 0\nflags\t\t: fpu sse avx2 fma\n"
+GRAVITON3 = CpuFeatures("aarch64", True, "HWCAP2_BF16 set")
+GRAVITON2 = CpuFeatures("aarch64", False, "HWCAP2_BF16 clear")
+EPYC = CpuFeatures("x86_64", False, "no avx512_bf16/amx_bf16")
+ZEN4_FEATURES = CpuFeatures("x86_64", True, "avx512_bf16")
 
 
 def test_x86_bf16_comes_from_cpuinfo_flags():
@@ -33,13 +37,13 @@ def test_aarch64_bf16_comes_from_hwcap2():
 
 
 @pytest.mark.parametrize("requested, features, device, expected", [
-    ("auto", CpuFeatures("aarch64", True, "HWCAP2_BF16 set"), CPU, "bf16"),
-    ("auto", CpuFeatures("aarch64", False, "HWCAP2_BF16 clear"), CPU, "fp32"),
-    ("auto", CpuFeatures("x86_64", True, "avx512_bf16"), CPU, "bf16"),
-    ("auto", CpuFeatures("x86_64", False, "no avx512_bf16/amx_bf16"), CPU, "fp32"),
-    ("fp32", CpuFeatures("x86_64", True, "avx512_bf16"), CPU, "fp32"),
-    ("bf16", CpuFeatures("x86_64", False, "none"), CPU, "bf16"),
-    ("fp16", CpuFeatures("x86_64", True, "avx512_bf16"), CPU, "fp32"),
+    ("auto", GRAVITON3, CPU, "bf16"),
+    ("auto", GRAVITON2, CPU, "fp32"),
+    ("auto", ZEN4_FEATURES, CPU, "bf16"),
+    ("auto", EPYC, CPU, "fp32"),
+    ("fp32", ZEN4_FEATURES, CPU, "fp32"),
+    ("bf16", EPYC, CPU, "bf16"),
+    ("fp16", ZEN4_FEATURES, CPU, "fp32"),
 ])
 def test_cpu_precision_decision(requested, features, device, expected):
     precision, reason = decide_precision(requested, device, features)
@@ -55,8 +59,8 @@ def test_cpu_precision_decision(requested, features, device, expected):
     ("fp32", (7, 5), "fp32"),
 ])
 def test_cuda_precision_follows_the_device(requested, capability, expected):
-    no_cpu_bf16 = CpuFeatures("aarch64", False, "HWCAP2_BF16 clear")  # Graviton2 host of a G5g
-    precision, reason = decide_precision(requested, torch.device("cuda", 0), no_cpu_bf16, capability)
+    # G5g: a Graviton2 host
+    precision, reason = decide_precision(requested, torch.device("cuda", 0), GRAVITON2, capability)
     assert precision == expected
     assert f"{capability[0]}.{capability[1]}" in reason or requested != "auto"
 
@@ -92,11 +96,6 @@ def test_bad_cores_setting_is_named(value):
         read_settings({"handler": {"cores": value}}, CORE_SETTINGS)
 
 
-GRAVITON3 = CpuFeatures("aarch64", True, "HWCAP2_BF16 set")
-GRAVITON2 = CpuFeatures("aarch64", False, "HWCAP2_BF16 clear")
-EPYC = CpuFeatures("x86_64", False, "no avx512_bf16/amx_bf16")
-
-
 def test_launch_env_is_reported_not_guessed():
     assert "not set: THP_MEM_ALLOC_ENABLE" in launch_env_report({"LRU_CACHE_CAPACITY": "1024"}, features=GRAVITON2)
     assert launch_env_report({"LRU_CACHE_CAPACITY": "1024"}, features=EPYC) == "launch env LRU_CACHE_CAPACITY=1024"
@@ -110,7 +109,7 @@ def test_launch_path_sets_huge_pages_on_aarch64_fast_math_where_bf16_and_the_ope
     assert graviton3["DNNL_DEFAULT_FPMATH_MODE"] == "BF16"
     graviton2 = launch_environment({}, "/locks", features=GRAVITON2)
     assert graviton2["THP_MEM_ALLOC_ENABLE"] == "1" and "DNNL_DEFAULT_FPMATH_MODE" not in graviton2
-    x86 = launch_environment({}, "/locks", features=CpuFeatures("x86_64", True, "avx512_bf16"))
+    x86 = launch_environment({}, "/locks", features=ZEN4_FEATURES)
     assert "THP_MEM_ALLOC_ENABLE" not in x86 and "DNNL_DEFAULT_FPMATH_MODE" not in x86
     assert launch_environment({"LRU_CACHE_CAPACITY": "64"}, "/locks")["LRU_CACHE_CAPACITY"] == "64"
     assert launch_environment({"DNNL_DEFAULT_FPMATH_MODE": "STRICT"}, "/locks", features=GRAVITON3)["DNNL_DEFAULT_FPMATH_MODE"] == "STRICT"
@@ -122,7 +121,7 @@ def test_fast_math_counts_only_on_arm_with_bf16_and_the_variable_set():
     assert not fast_math_on(CPU, GRAVITON3, {})
     assert not fast_math_on(CPU, GRAVITON3, {"DNNL_DEFAULT_FPMATH_MODE": "STRICT"})
     assert not fast_math_on(CPU, GRAVITON2, on)
-    assert not fast_math_on(CPU, CpuFeatures("x86_64", True, "avx512_bf16"), on)  # x86 Linear is MKL's: autocast there
+    assert not fast_math_on(CPU, ZEN4_FEATURES, on)  # x86 Linear is MKL's: autocast there
     assert not fast_math_on(torch.device("cuda"), GRAVITON3, on)
     precision, why = decide_precision("auto", CPU, GRAVITON3, fast_math=True)
     assert precision == "bf16" and "oneDNN fast math" in why
