@@ -3,32 +3,27 @@
     python -m graviton_serve.cli setup            # Java check + gRPC stubs
     python -m graviton_serve.cli build-store      # the offline demo model store (cached)
     python -m graviton_serve.cli serve [--stop | --foreground]
-    python -m graviton_serve.cli aarch64-root [--optional]   # the emulated arm64 root (cached)
+    python -m graviton_serve.cli bench [...]      # graviton_serve.bench
+
+A command's modules are imported when that command runs (``serve --stop`` loads no torch).
+(The emulated arm64 root is test tooling: ``python -m tests.tooling.aarch64_root``.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 import zipfile
 from pathlib import Path
 
-from graviton_serve.aarch64_root import NeedsRoot, RootError, ensure_root
-from graviton_serve.bench import benchmark
-from graviton_serve.bench_workloads import WORKLOADS, workloads
-from graviton_serve.demo_store import DEMO_MODELS, build_demo_store, build_text_archive, build_vision_archive
-from graviton_serve.entrypoint import serve_foreground
-from graviton_serve.grpc_client import ensure_stubs
-from graviton_serve.java import JavaNotFound, find_java_home
+from graviton_serve.java import JavaNotFound
 from graviton_serve.paths import CONFIG_FILE, MODEL_STORE, ROOT, RUN_DIR
 from graviton_serve.progress import say
 from graviton_serve.sample_data import photo
-from graviton_serve.server import ConfigError, ServerError, TorchServe
-
-
+from graviton_serve.server import ServerError, TorchServe
+from graviton_serve.torchserve_config import ConfigError
 
 SAMPLE_TEXTS = {"sentiment": "I love riding in self-driving cars!", "fill_mask": "The capital of France is [MASK]."}
 
@@ -56,6 +51,9 @@ def call_lines(server: TorchServe, name: str) -> list[str]:
 
 
 def setup() -> None:
+    from graviton_serve.grpc_client import ensure_stubs
+    from graviton_serve.java import find_java_home
+
     say(f"java: {find_java_home()}")
     say(f"gRPC stubs: {ensure_stubs()}")
 
@@ -92,6 +90,9 @@ def serve(stop: bool, foreground: bool) -> int:
         server.stop()
         say("TorchServe stopped" if was_running else "TorchServe was not running")
         return 0
+    from graviton_serve.demo_store import build_demo_store
+    from graviton_serve.drain import serve_foreground
+
     build_demo_store(MODEL_STORE)
     if server.is_running():
         say("TorchServe is already running")
@@ -107,74 +108,102 @@ def serve(stop: bool, foreground: bool) -> int:
     return 0
 
 
-def build_aarch64_root(optional: bool) -> int:
-    # Stopped (scripts/test stops it when the store build fails): unwind, so that what the build
-    # mounted and registered is removed.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        ensure_root()
-    except NeedsRoot as error:
-        if not optional:
-            raise
-        say(f"aarch64 root: not built: {error}; the aarch64 tests will be skipped")
-    return 0
+# -- commands: each one's arguments and what it runs (importing its modules only then) -------------
+
+def build_store_arguments(parser: argparse.ArgumentParser) -> None:
+    from graviton_serve.demo_store import DEMO_MODELS
+
+    parser.add_argument("models", nargs="*", help="default: every demo model (" + ", ".join(DEMO_MODELS) + ")")
+    parser.add_argument("--store", type=Path, default=MODEL_STORE)
+    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+
+
+def build_store(args: argparse.Namespace) -> None:
+    from graviton_serve.demo_store import build_demo_store
+
+    build_demo_store(args.store, args.models or None, force=args.force)
+
+
+def build_vision_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="the served model name, e.g. densenet161")
+    parser.add_argument("--architecture", required=True, help="torchvision builder: resnet50, densenet161, ...")
+    parser.add_argument("--weights", default="DEFAULT", help="torchvision weights entry, e.g. IMAGENET1K_V2 (downloaded once)")
+    parser.add_argument("--weights-file", type=Path, help="a local state-dict file instead of downloading")
+    parser.add_argument("--store", type=Path, default=MODEL_STORE)
+
+
+def build_vision(args: argparse.Namespace) -> None:
+    from graviton_serve.demo_store import build_vision_archive
+
+    build_vision_archive(args.name, args.architecture, args.weights, args.store, args.weights_file)
+
+
+def build_text_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="the served model name, e.g. bert_sentiment")
+    parser.add_argument("--task", required=True, choices=["sentiment", "fill-mask"])
+    parser.add_argument("--from", dest="source", required=True,
+                        help="hub id (e.g. distilbert-base-uncased-finetuned-sst-2-english) or a folder with config + weights + tokenizer")
+    parser.add_argument("--store", type=Path, default=MODEL_STORE)
+
+
+def build_text(args: argparse.Namespace) -> None:
+    from graviton_serve.demo_store import build_text_archive
+
+    build_text_archive(args.name, args.task, args.source, args.store)
+
+
+def bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from graviton_serve.bench.workloads import WORKLOADS
+
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8], help="REST concurrencies (ours and stock)")
+    parser.add_argument("--grpc-concurrency", nargs="*", type=int, default=[8], help="gRPC concurrencies (ours)")
+    parser.add_argument("--requests", type=int, default=40, help="requests per workload, path and concurrency")
+    parser.add_argument("--no-stock", action="store_true", help="skip the stock TorchServe reference")
+    parser.add_argument("--no-limit", action="store_true", help="skip the raw-forward reference")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="where results.md, .json and the chart go")
+
+
+def bench(args: argparse.Namespace) -> None:
+    from graviton_serve.bench.run import benchmark
+    from graviton_serve.bench.workloads import workloads
+
+    benchmark(workloads(args.workloads), args.concurrency, args.grpc_concurrency, args.requests, args.out,
+              with_stock=not args.no_stock, with_limit=not args.no_limit)
+
+
+def serve_arguments(parser: argparse.ArgumentParser) -> None:
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--stop", action="store_true", help="stop the server and wait until its processes exit")
+    mode.add_argument("--foreground", action="store_true", help="stay in the foreground; SIGTERM stops cleanly")
+
+
+# name: (help, its arguments, what it runs; a return value that is an int is the exit status)
+COMMANDS = {
+    "setup": ("check Java and generate the gRPC stubs", lambda parser: None, lambda args: setup()),
+    "build-store": ("build the offline demo model store (cached)", build_store_arguments, build_store),
+    "build-vision": ("a ResNet/DenseNet archive with real weights", build_vision_arguments, build_vision),
+    "build-text": ("a BERT/RoBERTa archive from a hub id or a local folder", build_text_arguments, build_text),
+    "bench": ("ours against stock TorchServe and the raw forward, through real servers", bench_arguments, bench),
+    "serve": ("serve every model of the model store", serve_arguments, lambda args: serve(args.stop, args.foreground)),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="graviton_serve")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("setup", help="check Java and generate the gRPC stubs")
-    build = commands.add_parser("build-store", help="build the offline demo model store (cached)")
-    build.add_argument("models", nargs="*", help="default: every demo model (" + ", ".join(DEMO_MODELS) + ")")
-    build.add_argument("--store", type=Path, default=MODEL_STORE)
-    build.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    vision = commands.add_parser("build-vision", help="a ResNet/DenseNet archive with real weights")
-    vision.add_argument("name", help="the served model name, e.g. densenet161")
-    vision.add_argument("--architecture", required=True, help="torchvision builder: resnet50, densenet161, ...")
-    vision.add_argument("--weights", default="DEFAULT", help="torchvision weights entry, e.g. IMAGENET1K_V2 (downloaded once)")
-    vision.add_argument("--weights-file", type=Path, help="a local state-dict file instead of downloading")
-    vision.add_argument("--store", type=Path, default=MODEL_STORE)
-    text = commands.add_parser("build-text", help="a BERT/RoBERTa archive from a hub id or a local folder")
-    text.add_argument("name", help="the served model name, e.g. bert_sentiment")
-    text.add_argument("--task", required=True, choices=["sentiment", "fill-mask"])
-    text.add_argument("--from", dest="source", required=True,
-                      help="hub id (e.g. distilbert-base-uncased-finetuned-sst-2-english) or a folder with config + weights + tokenizer")
-    text.add_argument("--store", type=Path, default=MODEL_STORE)
-    bench = commands.add_parser("bench", help="ours against stock TorchServe and the raw forward, through real servers")
-    bench.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    bench.add_argument("--concurrency", nargs="+", type=int, default=[1, 8], help="REST concurrencies (ours and stock)")
-    bench.add_argument("--grpc-concurrency", nargs="*", type=int, default=[8], help="gRPC concurrencies (ours)")
-    bench.add_argument("--requests", type=int, default=40, help="requests per workload, path and concurrency")
-    bench.add_argument("--no-stock", action="store_true", help="skip the stock TorchServe reference")
-    bench.add_argument("--no-limit", action="store_true", help="skip the raw-forward reference")
-    bench.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="where results.md, .json and the chart go")
-    serve_parser = commands.add_parser("serve", help="serve every model of the model store")
-    mode = serve_parser.add_mutually_exclusive_group()
-    mode.add_argument("--stop", action="store_true", help="stop the server and wait until its processes exit")
-    mode.add_argument("--foreground", action="store_true", help="stay in the foreground; SIGTERM stops cleanly")
-    arm = commands.add_parser("aarch64-root", help="build the arm64 root the emulated aarch64 tests run in (cached; as root)")
-    arm.add_argument("--optional", action="store_true", help="without root privileges, say so and exit 0 (the tests then skip)")
+    for name, (help_text, arguments, _) in COMMANDS.items():
+        command = commands.add_parser(name, help=help_text)
+        if argv[:1] == [name]:  # only the chosen command's arguments (and so its imports)
+            arguments(command)
     args = parser.parse_args(argv)
     try:
-        if args.command == "setup":
-            setup()
-        elif args.command == "build-store":
-            build_demo_store(args.store, args.models or None, force=args.force)
-        elif args.command == "bench":
-            benchmark(workloads(args.workloads), args.concurrency, args.grpc_concurrency, args.requests, args.out,
-                      with_stock=not args.no_stock, with_limit=not args.no_limit)
-        elif args.command == "build-text":
-            build_text_archive(args.name, args.task, args.source, args.store)
-        elif args.command == "build-vision":
-            build_vision_archive(args.name, args.architecture, args.weights, args.store, args.weights_file)
-        elif args.command == "aarch64-root":
-            return build_aarch64_root(args.optional)
-        else:
-            return serve(args.stop, args.foreground)
-    except (JavaNotFound, ConfigError, ServerError, RootError) as error:
+        status = COMMANDS[args.command][2](args)
+    except (JavaNotFound, ConfigError, ServerError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from graviton_serve import demo_mnist, demo_text, demo_vision
+from graviton_serve.families import Family, family, for_task
 from graviton_serve.archive import ArchiveSpec, build_archive, handler_sources, source_digest
 from graviton_serve.paths import CACHE_DIR, ROOT
 from graviton_serve.progress import say
@@ -27,11 +28,15 @@ STAMP_DIR = ".stamps"
 @dataclass(frozen=True)
 class DemoModel:
     name: str
-    handler_module: str
+    family: Family
     make: Callable[[Path], dict]  # writes the model's files into a folder, returns its metadata
     serialized_file: str  # the file of that folder TorchServe records as the serialized model
     training_sources: tuple[str, ...]  # repo paths whose change means making it again
-    model_config: dict
+    handler_settings: dict = field(default_factory=dict)  # the archive's handler: section
+
+    @property
+    def model_config(self) -> dict:
+        return self.family.model_config(**self.handler_settings)
 
 
 def state_dict_maker(train: Callable[[], tuple[torch.nn.Module, dict]], filename: str) -> Callable[[Path], dict]:
@@ -45,34 +50,12 @@ def state_dict_maker(train: Callable[[], tuple[torch.nn.Module, dict]], filename
     return make
 
 
-def model_config(handler: dict, batch_size: int = 8, max_batch_delay_ms: int = 5, response_timeout_s: int = 120) -> dict:
-    """model-config.yaml: one worker per model (it uses every core), TorchServe batching, our handler section."""
-    return {
-        "minWorkers": 1,
-        "maxWorkers": 1,
-        "batchSize": batch_size,
-        "maxBatchDelay": max_batch_delay_ms,
-        "responseTimeout": response_timeout_s,
-        "handler": handler,
-    }
-
-
-def vision_model_config(architecture: str, weights: str) -> dict:
-    """For a ResNet/DenseNet archive (demo and real builds alike)."""
-    return model_config({"architecture": architecture, "weights": weights, "top_k": 5, "max_image_pixels": 16_777_216})
-
-
-def text_model_config(task: str) -> dict:
-    """For a Hugging Face text archive (demo and real builds alike)."""
-    return model_config({"task": task, "top_k": 5, "max_masks": 5, "max_text_bytes": 65_536})
-
-
 TEXT_SOURCES = ("graviton_serve/demo_text.py",)  # training does not use the handler
 TEXT_DEMOS = {
-    "bert_sentiment": ("sentiment", demo_text.bert_sentiment),
-    "roberta_sentiment": ("sentiment", demo_text.roberta_sentiment),
-    "bert_fill_mask": ("fill-mask", demo_text.bert_fill_mask),
-    "roberta_fill_mask": ("fill-mask", demo_text.roberta_fill_mask),
+    "bert_sentiment": ("text_classification", demo_text.bert_sentiment),
+    "roberta_sentiment": ("text_classification", demo_text.roberta_sentiment),
+    "bert_fill_mask": ("fill_mask", demo_text.bert_fill_mask),
+    "roberta_fill_mask": ("fill_mask", demo_text.roberta_fill_mask),
 }
 
 VISION_DEMOS = {"resnet50": "IMAGENET1K_V2", "densenet161": "IMAGENET1K_V1"}  # architecture -> weights entry
@@ -81,33 +64,31 @@ VISION_SOURCES = ("graviton_serve/demo_vision.py", "handlers/vision.py")
 DEMO_MODELS: dict[str, DemoModel] = {
     "mnist": DemoModel(
         name="mnist",
-        handler_module="mnist",
+        family=family("mnist"),
         make=state_dict_maker(demo_mnist.train, "mnist.pt"),
         serialized_file="mnist.pt",
         training_sources=("graviton_serve/demo_mnist.py", "handlers/mnist.py"),
-        model_config=model_config({"top_k": 5, "max_image_pixels": 16_777_216}, max_batch_delay_ms=10, response_timeout_s=30),
     ),
     **{
         architecture: DemoModel(
             name=architecture,
-            handler_module="vision",
+            family=family("vision"),
             make=state_dict_maker(partial(demo_vision.random_network, architecture, weights), f"{architecture}.pt"),
             serialized_file=f"{architecture}.pt",
             training_sources=VISION_SOURCES,
-            model_config=vision_model_config(architecture, weights),
+            handler_settings={"architecture": architecture, "weights": weights},
         )
         for architecture, weights in VISION_DEMOS.items()
     },
     **{
         name: DemoModel(
             name=name,
-            handler_module="text",
+            family=family(family_name),
             make=make,
             serialized_file="model.safetensors",
             training_sources=TEXT_SOURCES,
-            model_config=text_model_config(task),
         )
-        for name, (task, make) in TEXT_DEMOS.items()
+        for name, (family_name, make) in TEXT_DEMOS.items()
     },
 }
 
@@ -148,7 +129,7 @@ def build_demo_store(store: Path, names: list[str] | None = None, force: bool = 
         folder, metadata = _made_files(model)
         say(f"{name}: packaging {archive.name}")
         extras = [path for path in sorted(folder.iterdir()) if path.name not in (model.serialized_file, "metadata.json")]
-        spec = ArchiveSpec(name, model.handler_module, folder / model.serialized_file, model.model_config,
+        spec = ArchiveSpec(name, model.family.name, folder / model.serialized_file, model.model_config,
                            {"model": name, **metadata}, extras)
         build_archive(spec, store)
         stamp_file.parent.mkdir(exist_ok=True)
@@ -165,25 +146,34 @@ def build_vision_archive(name: str, architecture: str, weights: str, store: Path
         state = Path(work) / f"{name}.pt"
         torch.save(network.state_dict(), state)
         say(f"{name}: packaging {name}.mar")
-        spec = ArchiveSpec(name, "vision", state, vision_model_config(architecture, weights), {"model": name, **metadata})
+        config = family("vision").model_config(architecture=architecture, weights=weights)
+        spec = ArchiveSpec(name, "vision", state, config, {"model": name, **metadata})
         return build_archive(spec, store)
 
 
 def build_text_archive(name: str, task: str, source: str, store: Path) -> Path:
     """A real text archive from a Hugging Face hub id (downloaded once) or a local folder:
     config, weights and tokenizer files packed so that serving needs no download."""
-    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model_class = AutoModelForMaskedLM if task == "fill-mask" else AutoModelForSequenceClassification
+    text_family = for_task(task)
     say(f"{name}: loading {source}")
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = model_class.from_pretrained(source)
+    model = text_family_model_class(text_family).from_pretrained(source)
     with tempfile.TemporaryDirectory() as work:
         folder = Path(work)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         weights = folder / "model.safetensors"
         extras = [path for path in sorted(folder.iterdir()) if path != weights]
-        metadata = {"model": name, "trained": True, "source": source, "task": task}
+        metadata = {"model": name, "trained": True, "source": source, "task": text_family.task}
         say(f"{name}: packaging {name}.mar")
-        return build_archive(ArchiveSpec(name, "text", weights, text_model_config(task), metadata, extras), store)
+        spec = ArchiveSpec(name, text_family.name, weights, text_family.model_config(), metadata, extras)
+        return build_archive(spec, store)
+
+
+def text_family_model_class(text_family: Family):
+    """The transformers Auto class the family's handler loads with (the handler says it)."""
+    import importlib
+
+    return importlib.import_module(f"handlers.{text_family.name}").handle.make_handler.auto_model

@@ -1,14 +1,22 @@
-"""Image decoding shared by the image models: size limits first, then any format and mode."""
+"""Image decoding shared by the image models: size limits first, then any format and mode.
+
+Memory is bounded by ``max_image_pixels`` at every step: the header's pixel count is checked
+before any pixel is decoded, and a resize is checked before it runs (``check_resize``), so a tiny
+file (a 60000x1 PNG is 100 bytes) cannot make a worker allocate gigabytes.
+"""
 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from handlers.errors import BadInput, PayloadTooLarge
+
+log = logging.getLogger(__name__)
 
 # 16-bit and 32-bit integer modes: PIL's convert() would clip them to 255, so scale instead.
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -48,7 +56,31 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         ) from None
     if width == 0 or height == 0:
         raise BadInput("the image has no pixels")
-    return ImageOps.exif_transpose(image)
+    return _upright(image)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied; metadata is best effort, so an EXIF block Pillow cannot parse
+    (phones write malformed values, e.g. a rational with denominator 0) leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as error:  # noqa: BLE001 - any failure in the metadata parser: serve the pixels
+        log.debug("EXIF orientation not applied (%s); the image is used as stored", type(error).__name__)
+        return image
+
+
+def check_resize(size: tuple[int, int], short_side: int, max_pixels: int) -> None:
+    """413 before resizing an image of ``size`` so that its short side is ``short_side`` would
+    make more than ``max_pixels`` pixels (an extreme aspect ratio: 8000x1 -> 1856000x232)."""
+    width, height = size
+    scale = short_side / min(width, height)
+    resized = round(width * scale) * round(height * scale)
+    if resized > max_pixels:
+        raise PayloadTooLarge(
+            f"the image is {width}x{height}; resizing its short side to {short_side} px would make "
+            f"{resized} pixels, over this model's limit of {max_pixels} (max_image_pixels); send an image "
+            f"closer to square (aspect ratio at most {max_pixels // short_side ** 2}:1)"
+        )
 
 
 def _widen_to_8bit(image: Image.Image) -> Image.Image:

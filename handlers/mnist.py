@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from handlers.core import entry_point
-from handlers.image_classifier import ImageClassifier
+from handlers.image_classification import ImageClassifier
 from handlers.images import to_gray
+from handlers.lifecycle import torchserve_handler
 
 SIDE = 28
 BOX = 20
@@ -78,14 +78,14 @@ def normalize(field: np.ndarray) -> torch.Tensor:
 class MnistHandler(ImageClassifier):
     categories = [str(digit) for digit in range(10)]
 
-    def load(self, model_dir: Path, serialized_file: str | None, settings: dict) -> nn.Module:
-        self.configure(settings)
+    def load_network(self, model_dir: Path, serialized_file: str | None, settings: dict) -> nn.Module:
         model = MnistNet()
         model.load_state_dict(torch.load(model_dir / (serialized_file or "mnist_cnn.pt"), weights_only=True))
         return model
 
     def image_to_tensor(self, image: Image.Image) -> torch.Tensor:
+        # No resize bound needed: the digit's bounding box is scaled down to fit 20x20.
         return normalize(to_mnist_format(np.asarray(to_gray(image))))
 
 
-handle = entry_point(MnistHandler)
+handle = torchserve_handler(MnistHandler)

@@ -1,9 +1,19 @@
-"""What one request sent, taken out of TorchServe's request dict.
+"""What one request sent, taken out of TorchServe's request dict: the input contract.
 
-TorchServe hands the handler one dict per request. The body arrives under "body" or "data"
-(bytes, or already decoded: str for text/*, a dict/list for valid application/json; invalid
-JSON stays bytes). Multipart form fields arrive as separate keys. URL query parameters are
-not passed on at all, so per-request options travel in a JSON body or as form fields.
+TorchServe 0.12 (``ts/protocol/otf_message_handler.py``) hands the handler one dict per request,
+one key per input part, each value already decoded by the part's content type:
+
+| content type              | value the handler gets                                          |
+|---------------------------|-----------------------------------------------------------------|
+| exactly application/json  | the parsed JSON: dict, list, str, int, float, bool or None;     |
+|                           | bytes when the JSON is invalid                                  |
+| text/*                    | str when the bytes are UTF-8, else bytes                        |
+| anything else             | bytes (also application/json; charset=..., which we parse)     |
+
+The raw body is the part "body" (REST) or "data" (gRPC's input map, KServe); a multipart upload
+gives one key per part name; a form (application/x-www-form-urlencoded) is split into its
+fields, so the raw body is gone. URL query parameters are not passed on at all: per-request
+options travel in a JSON body or as form fields.
 """
 
 from __future__ import annotations
@@ -14,46 +24,51 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
-from handlers.errors import BadInput
+from handlers.errors import BadInput, PayloadTooLarge
 
 BODY_KEYS = ("body", "data")
 # Multipart part names that carry the content when neither "body" nor "data" is sent.
 CONTENT_PART_NAMES = ("image", "file", "text", "inputs")
+FORM_TYPE = "application/x-www-form-urlencoded"
+SENT_AS_FORM = (
+    f"the body was sent as a form ({FORM_TYPE}, the default of curl -d and urllib), so TorchServe split it "
+    "into form fields and the raw body never reached the model; send it with curl --data-binary @FILE "
+    "-H 'Content-Type: text/plain' (or application/octet-stream for binary files), or curl -T FILE"
+)
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Payload:
-    """One request: its body and the form fields sent beside it."""
+    """One request: its content, the content's type, and the other parts sent beside it."""
 
-    body: Any  # bytes | str | dict | list | None
-    content_type: str = ""
+    body: Any  # bytes | str | dict | list | int | float | bool | None (None: nothing was sent)
+    content_type: str = ""  # the content part's own type, lower case
     fields: dict[str, Any] = field(default_factory=dict)
+    sent_as_form: bool = False  # the HTTP request was x-www-form-urlencoded
 
     @classmethod
     def from_request(cls, request: dict, headers: dict | None = None) -> "Payload":
+        """``request`` is TorchServe's dict for one request; ``headers`` its request headers:
+        HTTP headers (str values) and, per part, ``{"content-type": ...}``."""
         headers = headers or {}
+        http_type = next((str(v) for k, v in headers.items() if k.lower() == "content-type" and isinstance(v, str)), "")
+        sent_as_form = http_type.lower().startswith(FORM_TYPE)
         body_key = next((k for k in BODY_KEYS + CONTENT_PART_NAMES if k in request), None)
-        if body_key is None and len(request) == 1:
+        if body_key is None and len(request) == 1 and not sent_as_form:
             body_key = next(iter(request))  # a single multipart part under any name is the content
         fields = {k: v for k, v in request.items() if k != body_key}
-        body = request.get(body_key) if body_key else None
-        content_type = ""
         part_headers = headers.get(body_key) if body_key else None
-        if isinstance(part_headers, dict):
-            content_type = str(part_headers.get("content-type", "") or "")
-        return cls(body=body, content_type=content_type.lower(), fields=fields)
+        content_type = str(part_headers.get("content-type", "") or "") if isinstance(part_headers, dict) else ""
+        return cls(request.get(body_key) if body_key else None, content_type.lower(), fields, sent_as_form)
 
     def json_body(self) -> Any:
-        """The body as parsed JSON when it was sent as JSON, else None.
-
-        TorchServe parses valid JSON for us; JSON that failed to parse arrives as bytes with
-        an application/json content type, and that is the client's error to hear about.
-        """
-        if isinstance(self.body, (dict, list)):
-            return self.body
-        if self.content_type.startswith("application/json"):
+        """The body as a JSON value, parsed by TorchServe or here (bytes sent as JSON); None when
+        the body was not sent as JSON. Invalid JSON is the client's error to hear about."""
+        if not isinstance(self.body, (bytes, bytearray, str)):
+            return self.body  # TorchServe parsed it: dict, list, number, bool (or None: no JSON)
+        if isinstance(self.body, (bytes, bytearray)) and self.content_type.startswith("application/json"):
             try:
                 return json.loads(self.body)
             except (ValueError, TypeError, UnicodeDecodeError) as exc:
@@ -68,12 +83,8 @@ class Payload:
 
         ``parse`` raises ValueError/TypeError with a reason; that becomes a 400 naming the option.
         """
-        raw: Any = None
         body = self.json_body()
-        if isinstance(body, dict) and name in body:
-            raw = body[name]
-        elif name in self.fields:
-            raw = self.fields[name]
+        raw = body.get(name) if isinstance(body, dict) else self.fields.get(name)
         if raw is None:
             return default
         if isinstance(raw, (bytes, bytearray)):
@@ -83,25 +94,60 @@ class Payload:
         except (ValueError, TypeError) as exc:
             raise BadInput(f"option '{name}' is invalid: {exc}") from None
 
+    def text(self, json_keys: tuple[str, ...], max_bytes: int) -> str:
+        """The request's text: a raw body (UTF-8), a JSON string, or a JSON object's first field
+        of ``json_keys``. Lone UTF-16 surrogates (an emoji cut in half) become U+FFFD."""
+        keys = " or ".join(f'"{key}"' for key in json_keys)
+        if isinstance(self.body, (bytes, bytearray)) and self.json_body() is None:
+            if len(self.body) > max_bytes:
+                raise PayloadTooLarge(f"the text is over this model's limit of {max_bytes} bytes (max_text_bytes); send less")
+            try:
+                text = bytes(self.body).decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise BadInput(f"the body is not valid UTF-8 (byte {error.start}); send UTF-8 text") from None
+        else:
+            document = self.body if isinstance(self.body, str) else self.json_body()
+            if isinstance(document, dict):
+                key = next((k for k in json_keys if k in document), None)
+                if key is None:
+                    raise BadInput(f"the JSON body has no {keys} field; send {{\"{json_keys[0]}\": \"...\"}} or the raw text")
+                document = document[key]
+                if isinstance(document, list):
+                    raise BadInput(f'"{key}" holds a list: send one text per request (or a batch through the KServe envelope)')
+                if not isinstance(document, str):
+                    raise BadInput(f'"{key}" must be a string')
+            self._refuse_non_content(document, "text", f'send the text as the body, or as JSON {{"{json_keys[0]}": "..."}}')
+            text = _without_lone_surrogates(document)
+        if len(text.encode("utf-8")) > max_bytes:
+            raise PayloadTooLarge(f"the text is over this model's limit of {max_bytes} bytes (max_text_bytes); send less")
+        if not text.strip():
+            raise BadInput("the text is empty; send some text")
+        return text
+
     def binary(self, json_key: str) -> bytes:
-        """The request's binary content: raw bytes, base64 text, or base64 under ``json_key``."""
+        """The request's binary content: raw bytes, base64 text, or base64 (or a data URL) under
+        ``json_key`` of a JSON object."""
         document = self.json_body()
         if isinstance(document, dict):
             if json_key not in document:
-                raise BadInput(
-                    f"the JSON body has no '{json_key}' field; send {{\"{json_key}\": \"<base64>\"}} "
-                    "or the raw bytes as the body"
-                )
+                raise BadInput(f"the JSON body has no '{json_key}' field; send {{\"{json_key}\": \"<base64>\"}} "
+                               "or the raw bytes as the body")
             return decode_base64(document[json_key], what=f"'{json_key}'")
-        body = self.body
-        if body is not None and not isinstance(body, (bytes, bytearray, str)):
-            raise BadInput(f"expected raw bytes, base64 text or a JSON object with '{json_key}'")
-        if body is None or len(body) == 0:
-            raise BadInput("the request body is empty; send the raw bytes or base64 text")
-        if isinstance(body, str):
-            return decode_base64(body, what="the text body")
-        maybe_text = _base64_text(bytes(body))
-        return maybe_text if maybe_text is not None else bytes(body)
+        content = self.body if document is None else document
+        self._refuse_non_content(content, json_key, f"send the raw bytes, base64 text or {{\"{json_key}\": \"<base64>\"}}")
+        if isinstance(content, str):
+            return decode_base64(content, what="the text body")
+        maybe_text = _base64_text(bytes(content))
+        return maybe_text if maybe_text is not None else bytes(content)
+
+    def _refuse_non_content(self, value: Any, what: str, how: str) -> None:
+        """A 400 that says why ``value`` is no usable content (a str or bytes that is not empty)."""
+        if value is None or (isinstance(value, (str, bytes, bytearray)) and len(value) == 0):
+            raise BadInput(SENT_AS_FORM if self.sent_as_form else f"the request body is empty; {how}")
+        if isinstance(value, list):
+            raise BadInput(f"the JSON body is a list: send one {what} per request (or a batch through the KServe envelope)")
+        if not isinstance(value, (str, bytes, bytearray)):
+            raise BadInput(f"the JSON body is a {type(value).__name__}, not a {what}; {how}")
 
 
 _B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_\r\n ")
@@ -139,30 +185,15 @@ def _b64decode(data: bytes) -> bytes:
     return base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
 
 
+def _without_lone_surrogates(text: str) -> str:
+    """JSON may carry an unpaired UTF-16 surrogate (``"\\ud83d"``): no UTF-8 can hold it, so it
+    becomes U+FFFD, as a UTF-8 decoder treats a broken sequence."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _short(exc: BaseException) -> str:
     return str(exc).split("\n", 1)[0][:120]
-
-
-def positive_int(maximum: int) -> Callable[[Any], int]:
-    """A parser for integer options in 1..maximum (bools are rejected)."""
-
-    def parse(raw: Any) -> int:
-        if isinstance(raw, bool) or isinstance(raw, float):
-            raise ValueError(f"expected an integer from 1 to {maximum}")
-        value = int(str(raw).strip())
-        if not 1 <= value <= maximum:
-            raise ValueError(f"expected an integer from 1 to {maximum}, got {value}")
-        return value
-
-    return parse
-
-
-def one_of(*choices: str) -> Callable[[Any], str]:
-    """A parser for options that take one of a few names."""
-
-    def parse(raw: Any) -> str:
-        if raw not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
-        return str(raw)
-
-    return parse

@@ -15,9 +15,10 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from handlers.core import Setting, entry_point
-from handlers.image_classifier import ImageClassifier
-from handlers.images import to_rgb
+from handlers.image_classification import ImageClassifier
+from handlers.images import check_resize, to_rgb
+from handlers.lifecycle import torchserve_handler
+from handlers.settings import Setting
 
 FAMILIES = ("resnet", "densenet", "wide_resnet", "resnext")
 
@@ -53,10 +54,10 @@ class VisionHandler(ImageClassifier):
         "weights": Setting("DEFAULT", str),
     }
 
-    def load(self, model_dir: Path, serialized_file: str | None, settings: dict) -> nn.Module:
-        self.configure(settings)
+    def load_network(self, model_dir: Path, serialized_file: str | None, settings: dict) -> nn.Module:
         weights = weights_entry(settings["architecture"], settings["weights"])
         self.transform = weights.transforms()
+        self.resize_short_side = min(self.transform.resize_size)
         self.categories = list(weights.meta["categories"])
         model = build_network(settings["architecture"], len(self.categories))
         state = torch.load(model_dir / (serialized_file or "model.pt"), map_location="cpu", weights_only=True)
@@ -65,10 +66,11 @@ class VisionHandler(ImageClassifier):
         return model.to(memory_format=torch.channels_last)
 
     def image_to_tensor(self, image: Image.Image) -> torch.Tensor:
+        check_resize(image.size, self.resize_short_side, self.max_pixels)
         return self.transform(to_rgb(image))
 
     def collate(self, items: list) -> torch.Tensor:
         return torch.stack([item.tensor for item in items]).contiguous(memory_format=torch.channels_last)
 
 
-handle = entry_point(VisionHandler)
+handle = torchserve_handler(VisionHandler)

@@ -6,7 +6,8 @@ so the compiled and eager answers can be compared. Used only by tests/test_compi
 
 import torch
 
-from handlers.core import ModelHandler, entry_point
+from handlers.lifecycle import torchserve_handler
+from handlers.model_handler import ModelHandler
 from handlers.errors import BadInput
 from handlers.payload import Payload
 
@@ -22,7 +23,7 @@ class LinearRelu(torch.nn.Module):
 
 
 class CompileProbe(ModelHandler):
-    def load(self, model_dir, serialized_file, settings):
+    def load(self, model_dir, serialized_file, settings, device):
         return LinearRelu()
 
     def decode(self, payload):
@@ -37,8 +38,8 @@ class CompileProbe(ModelHandler):
     def encode(self, output, item):
         return [round(float(value), 5) for value in output]
 
-    def check_payloads(self):
+    def check_inputs(self):
         return [Payload(body=b"1"), Payload(body=b"-2")]
 
 
-handle = entry_point(CompileProbe)
+handle = torchserve_handler(CompileProbe)

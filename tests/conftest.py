@@ -12,7 +12,8 @@ import pytest
 from graviton_serve.archive import ArchiveSpec, build_archive, unpack_archive
 from graviton_serve.demo_store import build_demo_store
 from graviton_serve.paths import CONFIG_FILE, MODEL_STORE
-from graviton_serve.server import Ports, TorchServe
+from graviton_serve.server import TorchServe
+from graviton_serve.torchserve_config import Ports
 
 TESTS = Path(__file__).resolve().parent
 

@@ -7,15 +7,16 @@ forward's batch, 13 -> a bug at encode. Used only by tests/test_core.py.
 
 import torch
 
-from handlers.core import ModelHandler, Setting, entry_point
 from handlers.errors import BadInput, PayloadTooLarge
-from handlers.payload import positive_int
+from handlers.lifecycle import torchserve_handler
+from handlers.model_handler import ModelHandler
+from handlers.settings import Setting, positive_int
 
 
 class ProbeHandler(ModelHandler):
     settings = {"scale": Setting(2, positive_int(100))}
 
-    def load(self, model_dir, serialized_file, settings):
+    def load(self, model_dir, serialized_file, settings, device):
         self.scale = settings["scale"]
         self.forward_batch_sizes = []
         return torch.nn.Identity()
@@ -48,13 +49,13 @@ class ProbeHandler(ModelHandler):
         return {"value": float(output)}
 
 
-handle = entry_point(ProbeHandler)
+handle = torchserve_handler(ProbeHandler)
 
 
 class Bf16SensitiveProbe(ProbeHandler):
     """Answers differently under bf16 autocast, so the accuracy guard must refuse bf16."""
 
-    def check_payloads(self):
+    def check_inputs(self):
         from handlers.payload import Payload
 
         return [Payload(body=b"1"), Payload(body=b"2")]
@@ -64,7 +65,7 @@ class Bf16SensitiveProbe(ProbeHandler):
         rows = torch.stack([batch, -batch], dim=1) if not flipped else torch.stack([-batch, batch], dim=1)
         return rows
 
-    def split(self, outputs, count):
+    def postprocess(self, outputs, batch):
         return list(outputs.unbind(0))
 
     def encode(self, output, item):
@@ -78,5 +79,5 @@ class Bf16StableProbe(Bf16SensitiveProbe):
         return torch.stack([batch, -batch], dim=1)
 
 
-sensitive = entry_point(Bf16SensitiveProbe)
-stable = entry_point(Bf16StableProbe)
+sensitive = torchserve_handler(Bf16SensitiveProbe)
+stable = torchserve_handler(Bf16StableProbe)

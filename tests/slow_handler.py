@@ -1,17 +1,18 @@
 """A test model that takes its time: the body is how many tenths of a second to spend in the
 forward, the answer says how long it slept. Lets a test have requests in flight when it stops a
-server. Used by tests/test_entrypoint.py."""
+server. Used by tests/test_container.py."""
 
 import time
 
 import torch
 
-from handlers.core import ModelHandler, entry_point
+from handlers.lifecycle import torchserve_handler
+from handlers.model_handler import ModelHandler
 from handlers.errors import BadInput
 
 
 class SlowHandler(ModelHandler):
-    def load(self, model_dir, serialized_file, settings):
+    def load(self, model_dir, serialized_file, settings, device):
         return torch.nn.Identity()
 
     def decode(self, payload):
@@ -31,4 +32,4 @@ class SlowHandler(ModelHandler):
         return {"slept_tenths": int(output)}
 
 
-handle = entry_point(SlowHandler)
+handle = torchserve_handler(SlowHandler)

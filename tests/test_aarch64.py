@@ -3,7 +3,7 @@
 
 This proves the code path and the numbers on the aarch64 ISA with Graviton's CPU features
 (oneDNN + ACL, fast math, the hardware capability bits); emulated timings mean nothing.
-The root is built once (graviton_serve.aarch64_root; scripts/test does it first). Each
+The root is built once (tests.tooling.aarch64_root; scripts/test does it first). Each
 emulated CPU runs one process for all its models, as a worker would run one model each.
 """
 
@@ -24,14 +24,14 @@ import yaml
 from PIL import Image, ImageOps
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification
 
-from graviton_serve import aarch64_root
-from graviton_serve.demo_store import text_model_config, vision_model_config
+from graviton_serve.families import family, for_task
 from graviton_serve.demo_text import LABELS, minilm_dir
 from graviton_serve.paths import HANDLERS_DIR, ROOT
 from graviton_serve.sample_data import photo
 from tests.conftest import TESTS
 from tests.aarch64_driver import serve
 from tests.inprocess import load_model_dir
+from tests.tooling import aarch64_root
 
 pytestmark = pytest.mark.aarch64
 
@@ -69,8 +69,9 @@ def image_requests(images: list[bytes]) -> list[dict]:
 def text_model(folder: Path, name: str, task: str, model, tokenizer, texts: list) -> dict:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return {"dir": load_model_dir(folder, HANDLERS_DIR / "text.py", name, text_model_config(task), "model.safetensors"),
-            "handler": "text.py",
+    family = for_task(task)
+    return {"dir": load_model_dir(folder, HANDLERS_DIR / f"{family.name}.py", name, family.model_config(), "model.safetensors"),
+            "handler": f"{family.name}.py",
             "requests": text_requests(texts)}
 
 
@@ -117,7 +118,7 @@ def models(tmp_path_factory, mnist_dir) -> dict[str, dict]:
     folder = tmp_path_factory.mktemp("resnet18")
     torch.save(network.state_dict(), folder / "model.pt")
     built["resnet18"] = {
-        "dir": load_model_dir(folder, HANDLERS_DIR / "vision.py", "resnet18", vision_model_config("resnet18", "IMAGENET1K_V1"),
+        "dir": load_model_dir(folder, HANDLERS_DIR / "vision.py", "resnet18", family("vision").model_config(architecture="resnet18", weights="IMAGENET1K_V1"),
                               "model.pt"),
         "handler": "vision.py",
         "requests": image_requests([photo("flower").read_bytes(), b"\x00garbage" * 50]),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from graviton_serve.bench import Cell, Limit, Workload, benchmark, summary
+from graviton_serve.bench.report import summary
+from graviton_serve.bench.results import Cell, Limit, Workload
+from graviton_serve.bench.run import benchmark
 from tests.conftest import TESTS
 
 

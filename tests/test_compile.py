@@ -116,7 +116,7 @@ def test_a_failed_recompile_while_serving_falls_back_and_answers_the_batch(tmp_p
 
 
 def test_unknown_backend_is_named_when_the_config_is_read():
-    from handlers.core import CORE_SETTINGS, read_settings
+    from handlers.settings import CORE_SETTINGS, read_settings
 
     with pytest.raises(ValueError, match=r"handler\.compile"):
         read_settings({"handler": {"compile": "turbo"}}, CORE_SETTINGS)

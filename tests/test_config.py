@@ -8,7 +8,8 @@ import pytest
 
 from graviton_serve import java
 from graviton_serve.paths import CONFIG_FILE
-from graviton_serve.server import ConfigError, Ports, TorchServe, read_properties
+from graviton_serve.server import TorchServe
+from graviton_serve.torchserve_config import ConfigError, Ports, read_properties
 
 
 def test_production_config_is_secure_by_default():

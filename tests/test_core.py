@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from handlers.core import Setting, read_settings
 from handlers.errors import BadInput, PayloadTooLarge, error_body, status_for
-from handlers.payload import positive_int
+from handlers.settings import Setting, positive_int, read_settings
 from tests.conftest import TESTS
 from tests.inprocess import load_model_dir, load_service, predict, request
 
@@ -99,3 +98,17 @@ def test_unknown_setting_is_named():
     with pytest.raises(ValueError, match=r"handler\.top_k.*1 to 10"):
         read_settings({"handler": {"top_k": 0}}, accepted)
     assert read_settings({}, accepted) == {"top_k": 5}
+
+
+def test_a_family_that_forgets_a_method_fails_at_load_naming_it():
+    from handlers.model_handler import ModelHandler
+
+    class NoEncode(ModelHandler):
+        def load(self, model_dir, serialized_file, settings, device):
+            return torch.nn.Identity()
+
+        def decode(self, payload):
+            return payload.body
+
+    with pytest.raises(TypeError, match="encode"):
+        NoEncode()

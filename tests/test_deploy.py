@@ -18,8 +18,8 @@ from graviton_serve.deploy_checks import (DEPLOY_DIR, DOCKERFILES, ECS_TASKS, KS
 PORTS = {8080, 8081, 8082, 7070, 7071}
 DRAIN_TIMEOUT_S = 30
 KSERVE_CONFIG = DEPLOY_DIR / "kserve" / "config" / "config.properties"
-LIVE = ["python", "-m", "graviton_serve.entrypoint", "--live"]
-READY = ["python", "-m", "graviton_serve.entrypoint", "--ready"]
+LIVE = ["python", "-m", "graviton_serve.container", "--live"]
+READY = ["python", "-m", "graviton_serve.container", "--ready"]
 
 
 def names(paths):
@@ -32,8 +32,8 @@ def test_dockerfile_lints_clean_and_runs_our_entrypoint_as_non_root(dockerfile, 
     text = dockerfile.read_text()
     assert re.search(r"^USER 1000:1000$", text, re.M)
     assert set(map(int, re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split())) == PORTS
-    assert 'CMD ["python", "-m", "graviton_serve.entrypoint", "--live"]' in text
-    assert re.search(r'^ENTRYPOINT \["python", "-m", "graviton_serve.entrypoint"\]$', text, re.M)
+    assert 'CMD ["python", "-m", "graviton_serve.container", "--live"]' in text
+    assert re.search(r'^ENTRYPOINT \["python", "-m", "graviton_serve.container"\]$', text, re.M)
     # The linter can fail: an unpinned apt install is DL3008.
     broken = tmp_path / "Dockerfile"
     broken.write_text("FROM debian:bookworm\nRUN apt-get update && apt-get install -y curl\n")
@@ -101,7 +101,7 @@ def test_kserve_inference_service_validates_against_the_kserve_sdk_models(resour
 
 def test_kserve_storage_config_serves_every_demo_model_one_request_per_batch():
     from graviton_serve.demo_store import DEMO_MODELS
-    from graviton_serve.server import read_properties
+    from graviton_serve.torchserve_config import read_properties
 
     properties = read_properties(KSERVE_CONFIG)  # our validator: every key a TorchServe 0.12 key
     assert properties["model_store"] == "/mnt/models/model-store"

@@ -35,8 +35,7 @@ def post(server, model: str, data: bytes, **kwargs) -> requests.Response:
 
 
 def worker_pids(server, model: str) -> list[int]:
-    response = requests.get(server.url("management", f"models/{model}"), headers=server.auth("management"), timeout=10)
-    return [worker["pid"] for worker in response.json()[0]["workers"]]
+    return [worker["pid"] for worker in server.management(timeout=10).model(model)["workers"]]
 
 
 def test_held_out_accuracy_through_the_server(mnist_server):

@@ -11,7 +11,8 @@ import pytest
 import requests
 
 from graviton_serve.paths import CONFIG_FILE
-from graviton_serve.server import Ports, TorchServe
+from graviton_serve.server import TorchServe
+from graviton_serve.torchserve_config import Ports
 from tests.conftest import TESTS
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,8 @@ from PIL import Image
 
 from handlers.errors import BadInput, PayloadTooLarge
 from handlers.images import open_image, to_gray, to_rgb
-from handlers.payload import Payload, positive_int
+from handlers.payload import Payload
+from handlers.settings import positive_int
 from tests.images import bomb_png, png, truncated_png
 
 DIGIT = (np.arange(28 * 28).reshape(28, 28) % 256).astype(np.uint8)

@@ -18,8 +18,7 @@ CPUS = sorted(os.sched_getaffinity(0))
 
 
 def workers(server, model: str) -> dict[int, str]:
-    response = requests.get(server.url("management", f"models/{model}"), headers=server.auth("management"), timeout=10)
-    return {worker["pid"]: worker["status"] for worker in response.json()[0]["workers"]}
+    return {worker["pid"]: worker["status"] for worker in server.management(timeout=10).model(model)["workers"]}
 
 
 def affinity(pid: int) -> set[int]:

@@ -8,7 +8,7 @@ import torch
 from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification,
                           RobertaConfig, RobertaForMaskedLM)
 
-from graviton_serve.demo_store import text_model_config
+from graviton_serve.families import for_task
 from graviton_serve.demo_text import LABELS, minilm_dir, roberta_tokenizer
 from graviton_serve.paths import HANDLERS_DIR
 from tests.inprocess import load_model_dir, load_service, predict, request
@@ -30,8 +30,9 @@ def serve(folder, model, tokenizer, task, name):
     """Lay a model out as an unpacked .mar and load it through TorchServe's loader."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    load_model_dir(folder, HANDLERS_DIR / "text.py", name, text_model_config(task), "model.safetensors")
-    return load_service(folder, "text.py", name=name)
+    family = for_task(task)
+    load_model_dir(folder, HANDLERS_DIR / f"{family.name}.py", name, family.model_config(), "model.safetensors")
+    return load_service(folder, f"{family.name}.py", name=name)
 
 
 def rig(model, token_id: int) -> None:
@@ -158,7 +159,64 @@ def test_archive_from_a_local_folder_serves(tmp_path, bert_tokenizer):
     archive = build_text_archive("my_sentiment", "sentiment", str(source), tmp_path / "store")
     with zipfile.ZipFile(archive) as mar:
         mar.extractall(tmp_path / "unpacked")
-        assert {"config.json", "model.safetensors", "text.py", "handlers/core.py"} <= set(mar.namelist())
-    service = load_service(tmp_path / "unpacked", "text.py", name="my_sentiment")
+        assert {"config.json", "model.safetensors", "text_classification.py", "handlers/lifecycle.py"} <= set(mar.namelist())
+    service = load_service(tmp_path / "unpacked", "text_classification.py", name="my_sentiment")
     (reply,) = predict(service, [request("great", "text/plain")])
     assert reply.status == 200 and set(reply.json()["scores"]) == {"NEGATIVE", "POSITIVE"}
+
+
+# -- inputs from the real world (issue: each kind below once answered 500 or a misleading 400) ------
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded", "host": "127.0.0.1"}
+
+
+def test_what_torchserve_hands_over_already_decoded_is_text(tiny_sentiment):
+    replies = predict(tiny_sentiment, [
+        request({"text": "Loved it \ud83d"}, "application/json"),  # an emoji cut in half: a lone surrogate
+        request("This phone is great", "application/json"),  # requests.post(url, json=text)
+        request("Loved it \ud83d", "text/plain"),
+        request(b'{"text": "charset given"}', "application/json; charset=utf-8"),  # left as bytes by TorchServe
+    ])
+    assert [r.status for r in replies] == [200, 200, 200, 200]
+    assert all(set(r.json()) == {"label", "score", "scores"} for r in replies)
+
+
+@pytest.mark.parametrize("body, message", [
+    (["a", "b"], "one text per request"),
+    ({"text": ["a", "b"]}, "one text per request"),
+    (None, "empty"),
+    (42, "not a text"),
+    (True, "not a text"),
+])
+def test_json_that_is_not_one_text_is_a_400_that_says_so(tiny_sentiment, body, message):
+    (reply,) = predict(tiny_sentiment, [request(body, "application/json")])
+    assert reply.status == 400 and message in reply.json()["message"]
+    assert "not valid JSON" not in reply.json()["message"]
+
+
+def test_a_multipart_data_part_is_a_request_not_a_kserve_instance(tiny_sentiment):
+    multipart = {"Content-Type": "multipart/form-data; boundary=x", "host": "127.0.0.1"}
+    replies = predict(tiny_sentiment, [
+        request("a good review", "text/plain", name="data", headers=multipart),  # curl -F data=@review.txt
+        request("   ", "text/plain", name="data", headers=multipart),
+        request("plain body", "text/plain", headers={"host": "127.0.0.1"}),
+    ])
+    assert [r.status for r in replies] == [200, 400, 200]  # the 400 keeps its status beside the others
+    assert replies[1].json()["type"] == "BadInput"
+
+
+def test_a_body_sent_as_a_form_gets_a_400_naming_the_cause(tiny_sentiment):
+    # curl -d @review.txt: TorchServe splits the body into form fields; the text becomes a field name.
+    (reply,) = predict(tiny_sentiment, [request(b"", "text/plain", name="This phone is great", headers=FORM)])
+    assert reply.status == 400
+    message = reply.json()["message"]
+    assert "x-www-form-urlencoded" in message and "--data-binary" in message and "empty" not in message
+    (as_field,) = predict(tiny_sentiment, [request(b"This phone is great", "text/plain", name="text", headers=FORM)])
+    assert as_field.status == 200  # curl -d text=...: a field named "text" is the text
+
+
+def test_a_second_mask_keeps_its_space_in_each_sequence(rigged_roberta):
+    (reply,) = predict(rigged_roberta, [request("The <mask> of France is <mask>.", "text/plain")])
+    first_mask = reply.json()[0]
+    assert first_mask[0]["sequence"].endswith("is <mask>.") or " <mask>" in first_mask[0]["sequence"]
+    assert "is<mask>" not in first_mask[0]["sequence"]

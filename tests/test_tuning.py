@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from handlers.core import CORE_SETTINGS, read_settings
+from handlers.settings import CORE_SETTINGS, read_settings
 from handlers.cpu_features import HWCAP2_BF16, CpuFeatures
 from handlers.launch import launch_environment
 from handlers.tuning import (CoreClaim, cgroup_cpu_limit, decide_precision, decide_threads, fast_math_on,

@@ -11,7 +11,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from graviton_serve.demo_store import build_demo_store, vision_model_config
+from graviton_serve.demo_store import build_demo_store
+from graviton_serve.families import family
 from graviton_serve.paths import HANDLERS_DIR, MODEL_STORE
 from graviton_serve.sample_data import PHOTOS, photo
 from handlers.images import open_image
@@ -45,7 +46,7 @@ def rigged_resnet18(tmp_path_factory):
         network.fc.bias[GOLDEN_RETRIEVER] = 10.0
         network.fc.bias[1] = 9.0  # goldfish second
     torch.save(network.state_dict(), folder / "model.pt")
-    load_model_dir(folder, HANDLERS_DIR / "vision.py", "rigged", vision_model_config("resnet18", "IMAGENET1K_V1"), "model.pt")
+    load_model_dir(folder, HANDLERS_DIR / "vision.py", "rigged", family("vision").model_config(architecture="resnet18", weights="IMAGENET1K_V1"), "model.pt")
     return load_service(folder, "vision.py", name="rigged")
 
 
@@ -130,3 +131,18 @@ def test_unknown_architecture_or_weights_is_named():
         architecture_name("vit_b_16")
     with pytest.raises(ValueError, match="handler.weights.*IMAGENET1K_V1"):
         weights_entry("densenet161", "IMAGENET1K_V9")
+
+
+@pytest.mark.parametrize("size", [(8000, 1), (1, 60000)])
+def test_an_extreme_aspect_ratio_is_refused_before_the_resize(resnet50, size):
+    # ~100 bytes of PNG; resized to a short side of 232 it would be 1,856,000 x 232 pixels (gigabytes).
+    tiny = encode(Image.new("RGB", size, (120, 30, 200)), "PNG")
+    replies = predict(resnet50, [request(tiny), request(photo("flower").read_bytes()),
+                                 request({"image": base64.b64encode(tiny).decode()}, "application/json")])
+    assert [r.status for r in replies] == [413, 200, 413]
+    assert replies[0].json()["type"] == "PayloadTooLarge" and "max_image_pixels" in replies[0].json()["message"]
+
+
+def test_a_panorama_within_the_bound_is_served(resnet50):
+    (reply,) = predict(resnet50, [request(encode(Image.new("RGB", (4000, 1000), (10, 200, 30)), "JPEG"))])
+    assert reply.status == 200 and len(reply.json()) == 5

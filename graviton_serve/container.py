@@ -1,8 +1,8 @@
-"""The container entrypoint: TorchServe in the foreground, drained on SIGTERM, TorchServe's status out.
+"""The container's main: TorchServe in the foreground, drained on SIGTERM, TorchServe's status out.
 
-    python -m graviton_serve.entrypoint            # what the image runs
-    python -m graviton_serve.entrypoint --ready    # readiness probe: every model READY, not draining
-    python -m graviton_serve.entrypoint --live     # liveness probe / HEALTHCHECK: /ping answers Healthy
+    python -m graviton_serve.container            # what the image runs
+    python -m graviton_serve.container --ready    # readiness probe: every model READY, not draining
+    python -m graviton_serve.container --live     # liveness probe / HEALTHCHECK: /ping answers Healthy
 
 (Probes are commands, not plain HTTP GETs: with token auth on, TorchServe 0.12 refuses even
 /ping without the token, and the token is made at start, so only a process that reads the key
@@ -18,26 +18,25 @@ the variable and exits 2):
     GS_DRAIN_TIMEOUT_S    30                               how long SIGTERM waits for in-flight requests
     GS_READY_TIMEOUT_S    600                              how long start-up may take
 
-On SIGTERM (or SIGINT) the entrypoint marks itself draining (the readiness probe fails, so a
+On SIGTERM (or SIGINT) the container marks itself draining (the readiness probe fails, so a
 load balancer stops sending), waits until every queued and running request is answered (or the
 drain timeout), then stops TorchServe and exits with its status. TorchServe alone would drop
-in-flight requests: its frontend closes their connections on SIGTERM.
+in-flight requests: its frontend closes their connections on SIGTERM (see graviton_serve.drain).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from graviton_serve.drain import is_draining, serve_foreground
 from graviton_serve.progress import say
-from graviton_serve.server import ConfigError, ServerError, TorchServe
+from graviton_serve.server import ServerError, TorchServe
+from graviton_serve.torchserve_config import ConfigError
 
 HOME = Path("/home/model-server")
-DRAINING_FILE = "draining"
 
 
 class SettingsError(ValueError):
@@ -103,48 +102,14 @@ def run(settings: ContainerSettings) -> int:
     return serve_foreground(server, settings.drain_timeout_s, settings.ready_timeout_s)
 
 
-def serve_foreground(server: TorchServe, drain_timeout_s: int = 30, ready_timeout_s: int = 600,
-                     on_ready=None) -> int:
-    """Start ``server`` in the foreground and hold it until SIGTERM/SIGINT (then drain and stop)
-    or until TorchServe exits on its own; returns the status to exit with."""
-    draining = server.run_dir / DRAINING_FILE
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    server.run_dir.mkdir(parents=True, exist_ok=True)
-    draining.unlink(missing_ok=True)
-    say(f"starting TorchServe: models {', '.join(server.expected_models())}")
-    launcher = server.start(timeout=ready_timeout_s, foreground=True)
-    say("every model READY")
-    if on_ready:
-        on_ready()
-    while launcher.poll() is None and not stop.wait(0.5):
-        pass
-    if not stop.is_set():
-        status = launcher.returncode
-        say(f"TorchServe exited on its own with status {status}")
-        return status if status else 1
-    draining.touch()
-    say(f"signal received: draining (up to {drain_timeout_s}s)")
-    left = server.drain(drain_timeout_s)
-    say("drained: every request answered" if left == 0 else f"drain timeout: {left} requests still in flight")
-    server.stop()
-    status = launcher.wait(timeout=60)
-    say(f"TorchServe stopped, status {status}")
-    return status
-
-
 def ready(settings: ContainerSettings) -> int:
     """0 if every model has a READY worker and the container is not draining (readiness probe)."""
-    if (settings.run_dir / DRAINING_FILE).exists():
+    if is_draining(settings.run_dir):
         print("draining", file=sys.stderr)
         return 1
     server = settings.server()
-    status = {name: server.model_status(name) for name in server.expected_models()}
+    client = server.management()
+    status = {name: client.status(name) for name in server.expected_models()}
     not_ready = {name: state for name, state in status.items() if state != "READY"}
     if not_ready:
         print(f"not ready: {not_ready}", file=sys.stderr)
@@ -180,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv == ["--live"]:
         return live(settings)
     if argv:
-        print("usage: python -m graviton_serve.entrypoint [--ready | --live]", file=sys.stderr)
+        print("usage: python -m graviton_serve.container [--ready | --live]", file=sys.stderr)
         return 2
     try:
         return run(settings)

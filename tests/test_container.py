@@ -1,4 +1,4 @@
-"""The container entrypoint, run exactly as the image runs it (``python -m graviton_serve.entrypoint``)
+"""The container's main, run exactly as the image runs it (``python -m graviton_serve.container``)
 against a real TorchServe: foreground start, SIGTERM with requests in flight (all answered),
 exit status, the token switch, and settings errors that name their variable."""
 
@@ -19,7 +19,8 @@ import requests
 
 from graviton_serve.archive import ArchiveSpec, build_archive
 from graviton_serve.paths import ROOT
-from graviton_serve.server import Ports, TorchServe
+from graviton_serve.server import TorchServe
+from graviton_serve.torchserve_config import Ports
 from tests.conftest import TESTS
 
 CONTAINER_CONFIG = ROOT / "docker" / "config.properties"
@@ -44,7 +45,7 @@ def loopback_config(path: Path, ports: Ports) -> Path:
 
 
 class Container:
-    """The entrypoint as a process, with the environment the image gives it."""
+    """The container's main as a process, with the environment the image gives it."""
 
     def __init__(self, root: Path, store: Path, **env: str):
         root.mkdir(parents=True, exist_ok=True)
@@ -52,8 +53,8 @@ class Container:
         self.env = {**os.environ, "GS_MODEL_STORE": str(store), "GS_RUN_DIR": str(root / "run"),
                     "GS_CONFIG": str(loopback_config(root / "config.properties", self.ports)), **env}
         self.env.pop("PYTHONPATH", None)
-        self.log = root / "entrypoint.log"
-        self.process = subprocess.Popen([sys.executable, "-m", "graviton_serve.entrypoint"], cwd=ROOT, env=self.env,
+        self.log = root / "container.log"
+        self.process = subprocess.Popen([sys.executable, "-m", "graviton_serve.container"], cwd=ROOT, env=self.env,
                                         stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
         self.server = TorchServe(root / "run", store, Path(self.env["GS_CONFIG"]))
 
@@ -67,11 +68,11 @@ class Container:
         raise AssertionError(f"not ready in {timeout}s:\n{self.log.read_text()}")
 
     def probe(self, which: str = "--ready") -> int:
-        return subprocess.run([sys.executable, "-m", "graviton_serve.entrypoint", which], cwd=ROOT, env=self.env,
+        return subprocess.run([sys.executable, "-m", "graviton_serve.container", which], cwd=ROOT, env=self.env,
                               capture_output=True).returncode
 
     def close(self) -> None:
-        """Whatever a failed test left: the entrypoint, then TorchServe by its own PIDs."""
+        """Whatever a failed test left: the container's main, then TorchServe by its own PIDs."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -132,7 +133,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_with_torchserve_status(tmp
     assert container.process.wait(timeout=90) == 0
     log = container.log.read_text()
     assert "drained: every request answered" in log
-    assert gone(pids), "TorchServe processes left after the entrypoint exited"
+    assert gone(pids), "TorchServe processes left after the container's main exited"
 
 
 @pytest.mark.integration
@@ -174,7 +175,7 @@ def test_token_auth_is_on_unless_switched_off_and_a_dead_torchserve_fails_the_co
 def test_a_bad_setting_is_named_before_anything_starts(tmp_path, store, env, message):
     environ = {**os.environ, "GS_MODEL_STORE": str(store), "GS_CONFIG": str(CONTAINER_CONFIG),
                "GS_RUN_DIR": str(tmp_path / "run"), **env}
-    result = subprocess.run([sys.executable, "-m", "graviton_serve.entrypoint"], cwd=ROOT, env=environ,
+    result = subprocess.run([sys.executable, "-m", "graviton_serve.container"], cwd=ROOT, env=environ,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.startswith("error: ")

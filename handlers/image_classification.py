@@ -1,22 +1,28 @@
 """Image classification: one image per request in, a top-k ``{category: probability}`` dict out.
 
 The dict is ordered highest first; it is the shape TorchServe's stock image classifier returns,
-so clients written against it keep working. Model modules say how to load the network, its
-categories, and how one decoded image becomes a tensor.
+so clients written against it keep working. A family (mnist, vision) says how to load its
+network and categories, and how one decoded image becomes a tensor (with the resize bound).
+
+Inputs: the image as raw bytes, base64 text, or JSON ``{"image": "<base64 or data URL>"}``;
+option ``top_k`` in the JSON body or as a form field.
 """
 
 from __future__ import annotations
 
 import io
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from handlers.core import ModelHandler, Setting
+from handlers.errors import reading_client_bytes
 from handlers.images import open_image
-from handlers.payload import Payload, positive_int
+from handlers.model_handler import ModelHandler
+from handlers.payload import Payload
+from handlers.settings import Setting, positive_int
 
 MAX_TOP_K = 1000
 
@@ -36,19 +42,27 @@ class ImageClassifier(ModelHandler):
 
     categories: list[str] = []
 
-    def configure(self, settings: dict) -> None:
+    def load(self, model_dir, serialized_file, settings, device):
         self.default_top_k = settings["top_k"]
         self.max_pixels = settings["max_image_pixels"]
+        return self.load_network(model_dir, serialized_file, settings)
 
+    @abstractmethod
+    def load_network(self, model_dir, serialized_file: str | None, settings: dict) -> torch.nn.Module:
+        """The network with its weights; sets ``categories`` if they come from the archive."""
+
+    @abstractmethod
     def image_to_tensor(self, image: Image.Image) -> torch.Tensor:
-        raise NotImplementedError
+        """One decoded image -> the network's input tensor. Check the cost of any resize first
+        (``handlers.images.check_resize``): memory stays bounded by ``max_image_pixels``."""
 
     def decode(self, payload: Payload) -> ImageItem:
         top_k = payload.option("top_k", positive_int(MAX_TOP_K), self.default_top_k)
-        image = open_image(payload.binary("image"), self.max_pixels)
-        return ImageItem(self.image_to_tensor(image), top_k)
+        data = payload.binary("image")
+        with reading_client_bytes("the image", parser_packages=("PIL",)):
+            return ImageItem(self.image_to_tensor(open_image(data, self.max_pixels)), top_k)
 
-    def check_payloads(self) -> list[Payload]:
+    def check_inputs(self) -> list[Payload]:
         """Deterministic images for the precision guard and compile warm-up: smooth gradients and seeded noise, 3 sizes."""
         rng = np.random.default_rng(0)
         images = []
@@ -58,9 +72,9 @@ class ImageClassifier(ModelHandler):
             images.append(rng.integers(0, 256, (side, side, 3)))
         return [Payload(body=_png(pixels.astype(np.uint8))) for pixels in images]
 
-    def split(self, outputs: torch.Tensor, count: int) -> list:
+    def postprocess(self, logits: torch.Tensor, batch: torch.Tensor) -> list:
         # One softmax for the whole batch, in fp32 whatever precision the forward ran in.
-        return list(torch.softmax(outputs.float(), dim=-1).cpu().unbind(0))
+        return list(torch.softmax(logits.float(), dim=-1).unbind(0))
 
     def encode(self, probabilities: torch.Tensor, item: ImageItem) -> dict:
         k = min(item.top_k, probabilities.numel())

@@ -14,15 +14,14 @@ from typing import Callable
 import yaml
 
 from graviton_serve.archive import ArchiveSpec, build_archive, run_archiver, unpack_archive
-from graviton_serve.bench import Workload
-from graviton_serve.demo_store import build_demo_store, text_model_config
-from graviton_serve.paths import CACHE_DIR, MODEL_STORE
+from graviton_serve.bench.results import Workload
+from graviton_serve.paths import CACHE_DIR, MODEL_STORE, ROOT
 from graviton_serve.progress import say
 from graviton_serve.sample_data import photo
 
 BENCH_DIR = CACHE_DIR / "bench"
 STOCK_DIR = BENCH_DIR / "stock"
-STOCK_TEXT_HANDLER = Path(__file__).parent / "stock" / "text_classifier.py"
+STOCK_TEXT_HANDLER = Path(__file__).parents[1] / "stock" / "text_classifier.py"
 BERT_BASE = "bert_base_seq128"  # a BERT-base-size classifier, random weights, inputs of 128 tokens
 SEQ_LENGTH = 128
 WORKLOADS = ("bert_sentiment", BERT_BASE, "resnet50", "densenet161", "mnist")
@@ -78,6 +77,7 @@ def bert_base_archive() -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+    from graviton_serve.families import family
     from graviton_serve.demo_text import minilm_dir
 
     target = BENCH_DIR / f"{BERT_BASE}.mar"
@@ -95,7 +95,7 @@ def bert_base_archive() -> Path:
         weights = folder / "model.safetensors"
         extras = [path for path in sorted(folder.iterdir()) if path != weights]
         metadata = {"model": BERT_BASE, "trained": False, "note": UNTRAINED_BERT_BASE_NOTE, "task": "sentiment"}
-        return build_archive(ArchiveSpec(BERT_BASE, "text", weights, text_model_config("sentiment"), metadata, extras),
+        return build_archive(ArchiveSpec(BERT_BASE, "text_classification", weights, family("text_classification").model_config(), metadata, extras),
                              BENCH_DIR)
 
 
@@ -128,11 +128,13 @@ def seq128_bodies(count: int = 64) -> list[bytes]:
 
 def image_bodies(name: str) -> list[bytes]:
     if name == "mnist":
-        return [(Path(__file__).resolve().parents[1] / "tests" / "data" / "digit.png").read_bytes()]
+        return [(ROOT / "tests" / "data" / "digit.png").read_bytes()]
     return [photo(which).read_bytes() for which in ("flower", "china")]
 
 
 def workloads(names: list[str]) -> list[Workload]:
+    from graviton_serve.demo_store import build_demo_store
+
     unknown = sorted(set(names) - set(WORKLOADS))
     if unknown:
         raise ValueError(f"unknown workload '{unknown[0]}'; known: {', '.join(WORKLOADS)}")

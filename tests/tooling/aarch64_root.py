@@ -16,13 +16,20 @@ Made once and cached (``.cache/aarch64-root``), as root:
 
 Running: ``qemu-aarch64-static -L <root> <root>/usr/bin/python3`` is one process with no chroot
 and no mounts: every file outside the root (the checkout, /proc, /sys, /tmp) is the host's.
+
+Test tooling, not shipped (tests/ stays out of the images). Built by scripts/aarch64-root, and by
+scripts/test beside the demo store; from the checkout's root:
+
+    python -m tests.tooling.aarch64_root [--optional]   # --optional: without root, say so and exit 0
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -270,3 +277,32 @@ def _run(command: list[str], what: str, log: Path | None = None) -> None:
         log.write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         raise RootError(f"{what} failed (exit {result.returncode}): {_last_line(result.stderr or result.stdout)}")
+
+
+def build_aarch64_root(optional: bool) -> int:
+    # Stopped (scripts/test stops it when the store build fails): unwind, so that what the build
+    # mounted and registered is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        ensure_root()
+    except NeedsRoot as error:
+        if not optional:
+            raise
+        say(f"aarch64 root: not built: {error}; the aarch64 tests will be skipped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.tooling.aarch64_root",
+                                     description="build the arm64 root the emulated aarch64 tests run in (cached; as root)")
+    parser.add_argument("--optional", action="store_true", help="without root privileges, say so and exit 0 (the tests then skip)")
+    args = parser.parse_args(argv)
+    try:
+        return build_aarch64_root(args.optional)
+    except RootError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

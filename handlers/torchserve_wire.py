@@ -1,0 +1,71 @@
+"""What TorchServe 0.12's worker protocol asks of a handler, beyond one answer per request:
+the customized describe call, gRPC's stream header, the KServe service envelope, request
+headers, and the busy marker a draining server reads. Facts from TorchServe's ``ts/`` sources.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from handlers.launch import BUSY_DIR_VAR
+
+
+def is_describe(context: Any) -> bool:
+    """GET /models/<name>?customized=true: TorchServe sends one request with the header describe=True."""
+    try:
+        return context.get_request_header(0, "describe") == "True"
+    except (AttributeError, IndexError, TypeError):
+        return False
+
+
+def request_headers(context: Any, index: int) -> dict:
+    """Request ``index``'s headers: HTTP headers (str values) and, per input part, {"content-type": ...}."""
+    try:
+        return context.get_all_request_header(index) or {}
+    except (AttributeError, IndexError, TypeError):
+        return {}
+
+
+def arrived_over_http(headers: dict) -> bool:
+    # Requests over gRPC carry only the input parts' content types, no HTTP header.
+    return any(isinstance(value, str) for value in headers.values())
+
+
+def mark_complete_for_grpc(context: Any, index: int) -> None:
+    """Without ts_stream_next=false, TorchServe 0.12's StreamPredictions hits a
+    NullPointerException and kills the worker. (Over HTTP the same header would turn the reply
+    into an unfinished chunked stream, so only gRPC requests get it.)"""
+    context.set_response_header(index, "ts_stream_next", "false")
+
+
+def called_by_envelope(caller: FrameType | None) -> bool:
+    """True when TorchServe's service envelope (``service_envelope=kserve|kservev2`` in
+    config.properties, or TS_SERVICE_ENVELOPE, as KServe sets it) called us: then ``data`` is the
+    instances of one request, not one row per request. TorchServe tells the handler nothing else
+    about it, so we ask the caller's frame: the envelope's ``handle`` calls us, as configured —
+    never guessed from what a body looks like."""
+    from ts.torch_handler.request_envelope.base import BaseEnvelope
+
+    return caller is not None and isinstance(caller.f_locals.get("self"), BaseEnvelope)
+
+
+class BusyMarker:
+    """A file named by this worker's PID in GS_BUSY_DIR exists while it handles a batch, so a
+    draining server knows what is still in flight. Unset (a stock TorchServe): a no-op."""
+
+    def __init__(self) -> None:
+        folder = os.environ.get(BUSY_DIR_VAR)
+        self.path = Path(folder) / str(os.getpid()) if folder and Path(folder).is_dir() else None
+
+    def __enter__(self):
+        if self.path is not None:
+            self.path.touch()
+        return self
+
+    def __exit__(self, *exc):
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+        return False
