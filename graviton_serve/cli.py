@@ -21,33 +21,24 @@ from pathlib import Path
 from graviton_serve.java import JavaNotFound
 from graviton_serve.paths import CONFIG_FILE, MODEL_STORE, ROOT, RUN_DIR
 from graviton_serve.progress import say
-from graviton_serve.sample_data import photo
 from graviton_serve.server import ServerError, TorchServe
 from graviton_serve.torchserve_config import ConfigError
 
-SAMPLE_TEXTS = {"sentiment": "I love riding in self-driving cars!", "fill_mask": "The capital of France is [MASK]."}
-
-
-def sample_input(model: str) -> str:
-    """A file to try an image model with: a real digit, or a real photo that scikit-learn ships."""
-    if model == "mnist":
-        return "tests/data/digit.png"
-    try:
-        return str(photo("flower"))
-    except FileNotFoundError:
-        return "<an image file>"
-
-
 def call_lines(server: TorchServe, name: str) -> list[str]:
-    """One curl line and one gRPC line for a model."""
+    """One curl line and one gRPC line for a model, from its family's sample request."""
+    from graviton_serve.families import of_archive
+
     url = server.url("inference", f"predictions/{name}")
     grpc = f"scripts/grpc-client --inference-port {server.ports.grpc_inference} predict {name}"
-    text = next((t for kind, t in SAMPLE_TEXTS.items() if name.endswith(kind)), None)
-    if text is not None:
-        return [f"    curl -X POST {url} -H \"Authorization: Bearer $KEY\" -H 'Content-Type: text/plain' --data-binary '{text}'",
-                f"    {grpc} --text '{text}'"]
-    sample = sample_input(name)
-    return [f"    curl -X POST {url} -H \"Authorization: Bearer $KEY\" -T {sample}", f"    {grpc} {sample}"]
+    sample = of_archive(server.model_store / f"{name}.mar").sample
+    if sample.text is not None:
+        return [f"    curl -X POST {url} -H \"Authorization: Bearer $KEY\" -H 'Content-Type: {sample.content_type}' "
+                f"--data-binary '{sample.text}'", f"    {grpc} --text '{sample.text}'"]
+    try:
+        path = sample.file()
+    except FileNotFoundError:
+        path = "<an image file>"
+    return [f"    curl -X POST {url} -H \"Authorization: Bearer $KEY\" -T {path}", f"    {grpc} {path}"]
 
 
 def setup() -> None:
@@ -139,8 +130,10 @@ def build_vision(args: argparse.Namespace) -> None:
 
 
 def build_text_arguments(parser: argparse.ArgumentParser) -> None:
+    from graviton_serve.families import text_tasks
+
     parser.add_argument("name", help="the served model name, e.g. bert_sentiment")
-    parser.add_argument("--task", required=True, choices=["sentiment", "fill-mask"])
+    parser.add_argument("--task", required=True, choices=text_tasks(), help="the text family to serve it with")
     parser.add_argument("--from", dest="source", required=True,
                         help="hub id (e.g. distilbert-base-uncased-finetuned-sst-2-english) or a folder with config + weights + tokenizer")
     parser.add_argument("--store", type=Path, default=MODEL_STORE)

@@ -1,5 +1,5 @@
-"""How the forward runs faster: reduced precision behind an accuracy guard, and torch.compile
-with a deadline and an eager fallback. Used by ``handlers.lifecycle.Worker`` at start and per batch.
+"""Where and how the forward runs: the device, reduced precision behind an accuracy guard, and
+torch.compile with a deadline and an eager fallback. Used by ``handlers.lifecycle.Worker``.
 """
 
 from __future__ import annotations
@@ -115,3 +115,16 @@ def _tensors(output: Any) -> list[torch.Tensor]:
     if isinstance(output, dict):
         return [tensor for value in output.values() for tensor in _tensors(value)]
     return []
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        if device.type == "cuda" and value.device.type == "cpu":
+            # Page-locked memory lets the copy run asynchronously (non_blocking needs it).
+            return value.pin_memory().to(device, non_blocking=True)
+        return value.to(device, non_blocking=device.type == "cuda")
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(item, device) for item in value)
+    return value

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 from handlers.errors import BadInput
-from handlers.lifecycle import torchserve_handler
+from handlers.lifecycle import TorchServeHandler
 from handlers.payload import Payload
 from handlers.settings import Setting, positive_int
 from handlers.text import TextHandler, TextItem
@@ -91,4 +91,4 @@ class FillMask(TextHandler):
         return " ".join(piece for piece in pieces if piece)
 
 
-handle = torchserve_handler(FillMask)
+handle = TorchServeHandler(FillMask)

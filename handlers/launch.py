@@ -1,4 +1,4 @@
-"""Settings the launch path (scripts/serve, the container entrypoint) puts in TorchServe's
+"""Settings the launch path (scripts/serve, the container's main) puts in TorchServe's
 environment, because they must be in place before a worker imports torch. No torch import here:
 the launch path reads this too. The worker reports what it found (handlers.tuning)."""
 

@@ -182,12 +182,12 @@ class Worker:
             return self._run(self.runner, items, precision or self.precision)
 
     def _run(self, runner: torch.nn.Module, items: list, precision: str) -> list:
-        batch = _to_device(self.handler.collate(items), self.device)
+        batch = acceleration.to_device(self.handler.collate(items), self.device)
         with torch.inference_mode(), acceleration.precision_mode(precision, self.device, self.tuning.fast_math):
             rows = self.handler.postprocess(self.handler.forward(runner, batch), batch)
         if len(rows) != len(items):
             raise RuntimeError(f"{type(self.handler).__name__}.postprocess returned {len(rows)} outputs for {len(items)} items")
-        return [_to_device(row, torch.device("cpu")) for row in rows]
+        return [acceleration.to_device(row, torch.device("cpu")) for row in rows]
 
     def _error_reply(self, index: int, error: Exception) -> Reply:
         kind = kind_of(error)
@@ -195,21 +195,3 @@ class Worker:
         log.log(kind.log_level, "%s: request %d of batch answered %d %s", self.model_name, index, kind.status,
                 type(error).__name__, exc_info=error if kind.status == 500 else None)
         return Reply(kind.status, error_body(error))
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        if device.type == "cuda" and value.device.type == "cpu":
-            # Page-locked memory lets the copy run asynchronously (non_blocking needs it).
-            return value.pin_memory().to(device, non_blocking=True)
-        return value.to(device, non_blocking=device.type == "cuda")
-    if isinstance(value, dict):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(item, device) for item in value)
-    return value
-
-
-def torchserve_handler(make_handler: Callable[[], ModelHandler]) -> TorchServeHandler:
-    """``handle = torchserve_handler(MyFamily)`` at the bottom of a family's module."""
-    return TorchServeHandler(make_handler)

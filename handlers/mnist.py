@@ -18,7 +18,7 @@ from torch import nn
 
 from handlers.image_classification import ImageClassifier
 from handlers.images import to_gray
-from handlers.lifecycle import torchserve_handler
+from handlers.lifecycle import TorchServeHandler
 
 SIDE = 28
 BOX = 20
@@ -88,4 +88,4 @@ class MnistHandler(ImageClassifier):
         return normalize(to_mnist_format(np.asarray(to_gray(image))))
 
 
-handle = torchserve_handler(MnistHandler)
+handle = TorchServeHandler(MnistHandler)

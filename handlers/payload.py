@@ -147,7 +147,8 @@ class Payload:
         if isinstance(value, list):
             raise BadInput(f"the JSON body is a list: send one {what} per request (or a batch through the KServe envelope)")
         if not isinstance(value, (str, bytes, bytearray)):
-            raise BadInput(f"the JSON body is a {type(value).__name__}, not a {what}; {how}")
+            json_type = {bool: "boolean", int: "number", float: "number", dict: "object"}.get(type(value), type(value).__name__)
+            raise BadInput(f"the JSON body is a {json_type}, not {'an' if what[0] in 'aeiou' else 'a'} {what}; {how}")
 
 
 _B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_\r\n ")

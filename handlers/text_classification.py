@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from handlers.lifecycle import torchserve_handler
+from handlers.lifecycle import TorchServeHandler
 from handlers.text import TextHandler, TextItem
 
 
@@ -39,4 +39,4 @@ class TextClassification(TextHandler):
         return result
 
 
-handle = torchserve_handler(TextClassification)
+handle = TorchServeHandler(TextClassification)

@@ -17,7 +17,7 @@ from torch import nn
 
 from handlers.image_classification import ImageClassifier
 from handlers.images import check_resize, to_rgb
-from handlers.lifecycle import torchserve_handler
+from handlers.lifecycle import TorchServeHandler
 from handlers.settings import Setting
 
 FAMILIES = ("resnet", "densenet", "wide_resnet", "resnext")
@@ -73,4 +73,4 @@ class VisionHandler(ImageClassifier):
         return torch.stack([item.tensor for item in items]).contiguous(memory_format=torch.channels_last)
 
 
-handle = torchserve_handler(VisionHandler)
+handle = TorchServeHandler(VisionHandler)

@@ -6,7 +6,7 @@ so the compiled and eager answers can be compared. Used only by tests/test_compi
 
 import torch
 
-from handlers.lifecycle import torchserve_handler
+from handlers.lifecycle import TorchServeHandler
 from handlers.model_handler import ModelHandler
 from handlers.errors import BadInput
 from handlers.payload import Payload
@@ -42,4 +42,4 @@ class CompileProbe(ModelHandler):
         return [Payload(body=b"1"), Payload(body=b"-2")]
 
 
-handle = torchserve_handler(CompileProbe)
+handle = TorchServeHandler(CompileProbe)

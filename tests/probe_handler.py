@@ -8,7 +8,7 @@ forward's batch, 13 -> a bug at encode. Used only by tests/test_core.py.
 import torch
 
 from handlers.errors import BadInput, PayloadTooLarge
-from handlers.lifecycle import torchserve_handler
+from handlers.lifecycle import TorchServeHandler
 from handlers.model_handler import ModelHandler
 from handlers.settings import Setting, positive_int
 
@@ -49,7 +49,7 @@ class ProbeHandler(ModelHandler):
         return {"value": float(output)}
 
 
-handle = torchserve_handler(ProbeHandler)
+handle = TorchServeHandler(ProbeHandler)
 
 
 class Bf16SensitiveProbe(ProbeHandler):
@@ -79,5 +79,5 @@ class Bf16StableProbe(Bf16SensitiveProbe):
         return torch.stack([batch, -batch], dim=1)
 
 
-sensitive = torchserve_handler(Bf16SensitiveProbe)
-stable = torchserve_handler(Bf16StableProbe)
+sensitive = TorchServeHandler(Bf16SensitiveProbe)
+stable = TorchServeHandler(Bf16StableProbe)

@@ -10,7 +10,7 @@ JSON line: worker pid (and whether it is the same after), baseline/peak RSS, wal
     .venv/bin/python tests/realworld_rss_probe.py --inference-url http://127.0.0.1:8080 \
         --management-url http://127.0.0.1:8081 --token-file .run/key_file.json --model resnet50
 
---cap-gib N first limits the worker's address space (RLIMIT_AS) to its current size + N GiB, so
+--cap-gib N first sets the worker's soft address-space limit (RLIMIT_AS) to its current size + N GiB, so
 that a handler that tries to allocate a huge resized image gets a MemoryError instead of the
 machine's OOM killer (the limit stays on that worker until it exits). Without it, a 60000x1 PNG
 sent to a handler that resizes it for ResNet (short side 232 -> 13,920,000 x 232 RGB, ~13 GB in
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=1)
     parser.add_argument("--interval", type=float, default=0.02, help="RSS sampling period in seconds (default 0.02)")
     parser.add_argument("--cap-gib", type=float, help="limit the worker's address space to its size + this many GiB first")
+    parser.add_argument("--oom-first", action="store_true",
+                        help="set the worker's oom_score_adj to 1000: if the machine runs out, the kernel kills it first")
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args(argv)
     if args.run_dir:
@@ -119,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     cap = None
     if args.cap_gib is not None:
         cap = worker.memory_info().vms + int(args.cap_gib * 1024**3)
-        worker.rlimit(psutil.RLIMIT_AS, (cap, cap))
+        # The soft limit only: lowering the hard one could not be undone without CAP_SYS_RESOURCE.
+        worker.rlimit(psutil.RLIMIT_AS, (cap, worker.rlimit(psutil.RLIMIT_AS)[1]))
+    if args.oom_first:
+        Path(f"/proc/{pid}/oom_score_adj").write_text("1000")
     body = strip_png(args.width, args.height)
     time.sleep(0.2)
     baseline = worker.memory_info().rss

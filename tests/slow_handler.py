@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from handlers.lifecycle import torchserve_handler
+from handlers.lifecycle import TorchServeHandler
 from handlers.model_handler import ModelHandler
 from handlers.errors import BadInput
 
@@ -32,4 +32,4 @@ class SlowHandler(ModelHandler):
         return {"slept_tenths": int(output)}
 
 
-handle = torchserve_handler(SlowHandler)
+handle = TorchServeHandler(SlowHandler)

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 
 from graviton_serve.bench.report import summary
-from graviton_serve.bench.results import Cell, Limit, Workload
+from graviton_serve.bench.results import LoadRun, RawForward, Workload
 from graviton_serve.bench.run import benchmark
 from tests.conftest import TESTS
 
 
-def cell(path: str, throughput: float, errors: int = 0, concurrency: int = 8) -> Cell:
-    return Cell("resnet50", path, "REST", concurrency, 10, 10 / throughput, [100.0] * 10, errors, 0.2, 900)
+def cell(path: str, throughput: float, errors: int = 0, concurrency: int = 8) -> LoadRun:
+    return LoadRun("resnet50", path, "REST", concurrency, 10, 10 / throughput, [100.0] * 10, errors, 0.2, 900)
 
 
 def test_summary_gives_ratios_at_the_highest_concurrency():
     cells = [cell("ours", 2.0, concurrency=1), cell("ours", 8.0), cell("stock", 1.0), cell("stock", 6.0, concurrency=1)]
-    limits = {"resnet50": Limit("resnet50", 8, 2, "fp32", 10.0, 800.0)}
+    limits = {"resnet50": RawForward("resnet50", 8, 2, "fp32", 10.0, 800.0)}
     row = summary(cells, limits).splitlines()[-1]
     assert row.startswith("| resnet50 (c8) | 8.00 | 1.00 | 10.00 | 8.00× | 0.80× |")
 

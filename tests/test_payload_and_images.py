@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from handlers.errors import BadInput, PayloadTooLarge
-from handlers.images import open_image, to_gray, to_rgb
+from handlers.images import check_resize, open_image, to_gray, to_rgb
 from handlers.payload import Payload
 from handlers.settings import positive_int
 from tests.images import bomb_png, png, truncated_png
@@ -81,3 +81,27 @@ def test_modes_convert_without_clipping_or_losing_ink():
     gray = np.asarray(to_gray(transparent_black_ink))
     assert gray[1, 1] == 0 and gray[0, 0] == 255  # ink stays dark, transparency becomes white
     assert to_rgb(Image.new("CMYK", (2, 2))).mode == "RGB"
+
+
+def test_what_torchserve_parsed_is_never_parsed_again():
+    encoded = base64.b64encode(PNG).decode()
+    as_json = {"body": {"content-type": "application/json"}}
+    assert Payload.from_request({"body": encoded}, as_json).binary("image") == PNG  # a JSON string body
+    with pytest.raises(BadInput, match="one image per request"):
+        Payload.from_request({"body": [encoded, encoded]}, as_json).binary("image")
+    for scalar in (42, 2.5, True):
+        with pytest.raises(BadInput, match="a number, not an image|a boolean, not an image"):
+            Payload.from_request({"body": scalar}, as_json).binary("image")
+
+
+def test_a_form_body_is_named_as_the_cause():
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    with pytest.raises(BadInput, match="x-www-form-urlencoded"):
+        Payload.from_request({"iVBORw0KGgo": b""}, form).binary("image")
+    assert Payload.from_request({"image": PNG}, form).binary("image") == PNG  # a field named image is the image
+
+
+def test_a_resize_is_checked_before_it_runs():
+    check_resize((4000, 1000), 232, 16_777_216)  # a panorama: 928 x 232
+    with pytest.raises(PayloadTooLarge, match=r"8000x1; resizing its short side to 232 px would make 430592000 pixels"):
+        check_resize((8000, 1), 232, 16_777_216)

@@ -12,7 +12,7 @@ For each workload, three measurements, taken one after another so none competes 
 Columns follow TorchServe's benchmark-ab (throughput, p50/p90/p99/mean latency, errors), plus
 the worker processes' CPU seconds per request and their RSS.
 
-    results.py    what is measured: Workload, Cell (one load run), Limit (the raw forward)
+    results.py    what is measured: Workload, LoadRun (one load run), RawForward (the raw forward)
     load.py       load generation: real TorchServes, REST and gRPC request loops, worker CPU and RSS
     limit.py      the raw forward, in this process, through the handler's public hook
     report.py     the tables (Markdown), results.json and the chart (PNG)

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import yaml
 
 from graviton_serve.archive import unpack_archive
-from graviton_serve.bench.results import Limit
+from graviton_serve.bench.results import RawForward
 
 
-def raw_limit(workload: str, archive: Path, bodies: list[bytes], min_seconds: float = 5.0) -> Limit:
+def raw_limit(workload: str, archive: Path, bodies: list[bytes], min_seconds: float = 5.0) -> RawForward:
     """Our handler's collate + forward on one full batch, in this process, as a worker would run it."""
     from handlers.lifecycle import Worker
     from handlers.payload import Payload
@@ -46,4 +46,4 @@ def raw_limit(workload: str, archive: Path, bodies: list[bytes], min_seconds: fl
             worker.forward(items)
             times.append(time.perf_counter() - begin)
         forward = statistics.median(times)
-        return Limit(workload, batch, worker.tuning.threads, worker.precision, batch / forward, forward * 1000)
+        return RawForward(workload, batch, worker.tuning.threads, worker.precision, batch / forward, forward * 1000)

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from graviton_serve.bench.results import Cell
+from graviton_serve.bench.results import LoadRun
 from graviton_serve.grpc_client import GrpcClient
 from graviton_serve.paths import CONFIG_FILE
 from graviton_serve.progress import say
@@ -43,7 +43,7 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
 
 
 def run_load(server: TorchServe, workload: str, path: str, model: str, bodies: list[bytes], protocol: str,
-             concurrency: int, count: int, grpc: GrpcClient | None = None, warmup: int = 3) -> Cell:
+             concurrency: int, count: int, grpc: GrpcClient | None = None, warmup: int = 3) -> LoadRun:
     url = server.url("inference", f"predictions/{model}")
     headers = {**server.auth(), "Content-Type": "application/octet-stream"}
     session = requests.Session()
@@ -68,7 +68,7 @@ def run_load(server: TorchServe, workload: str, path: str, model: str, bodies: l
     seconds = time.perf_counter() - started
     cpu = _cpu_seconds(workers) - cpu_before
     rss = sum(process.memory_info().rss for process in workers if process.is_running()) >> 20
-    return Cell(workload, path, protocol, concurrency, count, seconds, [ms for ms, _ in outcomes],
+    return LoadRun(workload, path, protocol, concurrency, count, seconds, [ms for ms, _ in outcomes],
                 sum(not ok for _, ok in outcomes), cpu / count, rss)
 
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import psutil
 
-from graviton_serve.bench.results import Cell, Limit
+from graviton_serve.bench.results import LoadRun, RawForward
 
 CELL_HEADER = ("| workload | path | protocol | concurrency | requests | throughput (req/s) | p50 (ms) | p90 (ms) | "
                "p99 (ms) | mean (ms) | errors (%) | worker CPU (s/req) | worker RSS (MiB) |\n"
                "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def cell_row(cell: Cell) -> str:
+def load_run_row(cell: LoadRun) -> str:
     return (f"| {cell.workload} | {cell.path} | {cell.protocol} | {cell.concurrency} | {cell.requests} | "
             f"{cell.throughput:.2f} | {cell.percentile(50):.0f} | {cell.percentile(90):.0f} | {cell.percentile(99):.0f} | "
             f"{statistics.mean(cell.latencies_ms):.0f} | {100 * cell.errors / cell.requests:.1f} | "
@@ -34,7 +34,7 @@ def machine_line() -> str:
             f"{platform.machine()}; torch {torch.__version__}, TorchServe {ts.__version__}")
 
 
-def summary(cells: list[Cell], limits: dict[str, Limit]) -> str:
+def summary(cells: list[LoadRun], limits: dict[str, RawForward]) -> str:
     """Per workload, at the highest REST concurrency: ours against stock and against the limit."""
     lines = ["| workload | ours (req/s) | stock (req/s) | limit (items/s) | ours/stock | ours/limit | ours p99 (ms) | stock p99 (ms) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -52,7 +52,7 @@ def summary(cells: list[Cell], limits: dict[str, Limit]) -> str:
     return "\n".join(lines)
 
 
-def _clean(cell: Cell | None) -> Cell | None:
+def _clean(cell: LoadRun | None) -> LoadRun | None:
     """A run with errors is no figure to compare (its table row still shows it)."""
     return cell if cell is not None and cell.errors == 0 else None
 
@@ -61,18 +61,18 @@ def _f(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _ratio(ours: Cell | None, reference: float | None) -> str:
+def _ratio(ours: LoadRun | None, reference: float | None) -> str:
     return "—" if not ours or not reference else f"{ours.throughput / reference:.2f}×"
 
 
-def limits_table(limits: dict[str, Limit]) -> str:
+def limits_table(limits: dict[str, RawForward]) -> str:
     lines = ["| workload | batch | threads | precision | forward (ms) | items/s |", "|---|---|---|---|---|---|"]
     lines += [f"| {l.workload} | {l.batch} | {l.threads} | {l.precision} | {l.forward_ms:.0f} | {l.items_per_s:.2f} |"
               for l in limits.values()]
     return "\n".join(lines)
 
 
-def chart(cells: list[Cell], limits: dict[str, Limit], path: Path) -> None:
+def chart(cells: list[LoadRun], limits: dict[str, RawForward], path: Path) -> None:
     """Ours and stock as a share of the raw-forward limit (so MNIST and DenseNet share one
     scale), each bar labelled with its req/s."""
     import matplotlib
@@ -106,11 +106,11 @@ def chart(cells: list[Cell], limits: dict[str, Limit], path: Path) -> None:
     plt.close(figure)
 
 
-def report(cells: list[Cell], limits: dict[str, Limit], out: Path) -> str:
+def report(cells: list[LoadRun], limits: dict[str, RawForward], out: Path) -> str:
     text = "\n\n".join([
         f"Machine: {machine_line()}",
         "Ours against stock and the limit:\n\n" + summary(cells, limits),
-        "Every load run:\n\n" + CELL_HEADER + "\n" + "\n".join(cell_row(cell) for cell in cells),
+        "Every load run:\n\n" + CELL_HEADER + "\n" + "\n".join(load_run_row(cell) for cell in cells),
         "The limit (raw collate + forward in one process, no server):\n\n" + limits_table(limits),
     ]) + "\n"
     out.mkdir(parents=True, exist_ok=True)

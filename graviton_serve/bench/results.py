@@ -15,7 +15,7 @@ class Workload:
 
 
 @dataclass
-class Cell:
+class LoadRun:
     """One load run: a workload on one path, protocol and concurrency."""
 
     workload: str
@@ -39,7 +39,7 @@ class Cell:
 
 
 @dataclass
-class Limit:
+class RawForward:
     workload: str
     batch: int
     threads: int

@@ -7,19 +7,19 @@ from pathlib import Path
 
 from graviton_serve.bench.limit import raw_limit
 from graviton_serve.bench.load import serve_and_load, stock_config
-from graviton_serve.bench.report import CELL_HEADER, cell_row, report
-from graviton_serve.bench.results import Cell, Limit, Workload
+from graviton_serve.bench.report import CELL_HEADER, load_run_row, report
+from graviton_serve.bench.results import LoadRun, RawForward, Workload
 from graviton_serve.paths import CONFIG_FILE
 from graviton_serve.progress import say
 
 
 def benchmark(workloads: list[Workload], rest_concurrencies: list[int], grpc_concurrencies: list[int], count: int,
               out: Path, with_stock: bool = True, with_limit: bool = True) -> str:
-    cells: list[Cell] = []
+    cells: list[LoadRun] = []
 
-    def keep(cell: Cell) -> None:
+    def keep(cell: LoadRun) -> None:
         cells.append(cell)
-        print((CELL_HEADER + "\n" if len(cells) == 1 else "") + cell_row(cell), flush=True)
+        print((CELL_HEADER + "\n" if len(cells) == 1 else "") + load_run_row(cell), flush=True)
 
     bodies = {w.name: w.bodies for w in workloads}
     plan = [(w.name, "REST", c) for w in workloads for c in rest_concurrencies]
@@ -31,7 +31,7 @@ def benchmark(workloads: list[Workload], rest_concurrencies: list[int], grpc_con
         with tempfile.TemporaryDirectory(prefix="gs-bench-stock-config-") as work:
             stock_plan = [(name, "REST", c) for name in stock for c in rest_concurrencies]
             serve_and_load("stock", stock, stock_config(Path(work)), stock_plan, bodies, count, "stock", keep)
-    limits: dict[str, Limit] = {}
+    limits: dict[str, RawForward] = {}
     if with_limit:
         for w in workloads:
             say(f"bench: {w.name} raw forward (the limit)")

@@ -15,13 +15,14 @@ import yaml
 
 from graviton_serve.archive import ArchiveSpec, build_archive, run_archiver, unpack_archive
 from graviton_serve.bench.results import Workload
-from graviton_serve.paths import CACHE_DIR, MODEL_STORE, ROOT
+from graviton_serve.families import family
+from graviton_serve.paths import CACHE_DIR, MODEL_STORE
 from graviton_serve.progress import say
 from graviton_serve.sample_data import photo
 
 BENCH_DIR = CACHE_DIR / "bench"
 STOCK_DIR = BENCH_DIR / "stock"
-STOCK_TEXT_HANDLER = Path(__file__).parents[1] / "stock" / "text_classifier.py"
+STOCK_TEXT_HANDLER = Path(__file__).parent / "stock_reference" / "text_classifier.py"
 BERT_BASE = "bert_base_seq128"  # a BERT-base-size classifier, random weights, inputs of 128 tokens
 SEQ_LENGTH = 128
 WORKLOADS = ("bert_sentiment", BERT_BASE, "resnet50", "densenet161", "mnist")
@@ -43,7 +44,7 @@ def _stock_archive(name: str, ours: Path, what: str, pack: Callable[[Path, dict,
 
 def stock_vision_archive(name: str, ours: Path) -> Path:
     """TorchServe's own ``image_classifier`` handler over our archive's state dict."""
-    from graviton_serve.stock.vision_models import MODEL_FILES
+    from graviton_serve.bench.stock_reference.vision_models import MODEL_FILES
     from handlers.vision import weights_entry
 
     def pack(ours_dir: Path, manifest: dict, scratch: Path) -> Path:
@@ -77,7 +78,6 @@ def bert_base_archive() -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from graviton_serve.families import family
     from graviton_serve.demo_text import minilm_dir
 
     target = BENCH_DIR / f"{BERT_BASE}.mar"
@@ -128,7 +128,7 @@ def seq128_bodies(count: int = 64) -> list[bytes]:
 
 def image_bodies(name: str) -> list[bytes]:
     if name == "mnist":
-        return [(ROOT / "tests" / "data" / "digit.png").read_bytes()]
+        return [family("mnist").sample.body()]
     return [photo(which).read_bytes() for which in ("flower", "china")]
 
 

@@ -4,6 +4,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="${GS_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
+# handlers/ is not installed (it ships inside every .mar; an installed copy could shadow an
+# archive's own in a worker): the operator side imports it from the checkout, from any folder.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 step() { printf '[setup] %s\n' "$*" >&2; }
 

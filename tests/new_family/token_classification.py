@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForTokenClassification
 
-from handlers.lifecycle import torchserve_handler
+from handlers.lifecycle import TorchServeHandler
 from handlers.text import TextHandler, TextItem
 
 
@@ -33,4 +33,4 @@ class TokenClassification(TextHandler):
                 if token not in self.tokenizer.all_special_tokens]
 
 
-handle = torchserve_handler(TokenClassification)
+handle = TorchServeHandler(TokenClassification)
