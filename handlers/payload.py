@@ -71,6 +71,8 @@ class Payload:
         if isinstance(self.body, (bytes, bytearray)) and self.content_type.startswith("application/json"):
             try:
                 return json.loads(self.body)
+            except RecursionError:
+                raise BadInput("the JSON body is nested too deeply to read; send one flat JSON object") from None
             except (ValueError, TypeError, UnicodeDecodeError) as exc:
                 raise BadInput(
                     f"the body is sent as application/json but is not valid JSON ({_short(exc)}); "

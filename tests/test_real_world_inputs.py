@@ -84,7 +84,6 @@ SERVE_DENSENET = os.environ.get("GS_REALWORLD_DENSENET", "1") != "0"
 IMAGE_MODELS = ["resnet50", "mnist"] + (["densenet161"] if SERVE_DENSENET else [])
 BATCH_KEYS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 3000, "responseTimeout": 120}
 WORKER_HEADROOM_BYTES = 6 * 1024**3
-MAX_IMAGE_PIXELS = 16_777_216
 ERROR_TYPES = {400: "BadInput", 413: "PayloadTooLarge", 507: "OutOfMemory", 500: "InternalError"}
 SENTENCE = "This phone is great"
 FILL_SENTENCE = "This phone is <mask>."
@@ -118,15 +117,15 @@ def served(tmp_path_factory):
     server = under_test.start()
     start_s = time.monotonic() - started
     print(f"real-world-inputs TorchServe: every model READY {start_s:.1f}s after start")
-    models = [archive.stem for archive in archives]
-    pids = {model: worker_pids(server, model) for model in models}
-    for model_pids in pids.values():
-        for pid in model_pids:
-            process = psutil.Process(pid)
-            limit = process.memory_info().vms + WORKER_HEADROOM_BYTES
-            # the soft limit only (the hard one could not be raised again without CAP_SYS_RESOURCE)
-            process.rlimit(psutil.RLIMIT_AS, (limit, process.rlimit(psutil.RLIMIT_AS)[1]))
     try:
+        models = [archive.stem for archive in archives]
+        pids = {model: worker_pids(server, model) for model in models}
+        for model_pids in pids.values():
+            for pid in model_pids:
+                process = psutil.Process(pid)
+                limit = process.memory_info().vms + WORKER_HEADROOM_BYTES
+                # the soft limit only (the hard one could not be raised again without CAP_SYS_RESOURCE)
+                process.rlimit(psutil.RLIMIT_AS, (limit, process.rlimit(psutil.RLIMIT_AS)[1]))
         yield Served(server, pids, start_s)
     finally:
         under_test.stop()
