@@ -7,6 +7,8 @@ spelling, ``[MASK]`` (BERT) or ``<mask>`` (RoBERTa), works with either family.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from transformers import AutoModelForMaskedLM
 
@@ -78,17 +80,11 @@ class FillMask(TextHandler):
         return answers
 
     def _sequence(self, ids: list[int]) -> str:
-        """The text with one mask filled. Other masks stay written as the mask token, a space
-        before each (decoding them in place glues RoBERTa's <mask> to the word before it)."""
-        pieces, run = [], []
-        for token in ids:
-            if token == self.mask_id:
-                pieces += [self.tokenizer.decode(run, clean_up_tokenization_spaces=True).strip(), self.mask_token]
-                run = []
-            elif token not in self.not_in_sequence:
-                run.append(token)
-        pieces.append(self.tokenizer.decode(run, clean_up_tokenization_spaces=True).strip())
-        return " ".join(piece for piece in pieces if piece)
+        """The text with one mask filled; other masks stay written as the mask token. RoBERTa's
+        <mask> swallows the space before it (lstrip), so decoding would glue it to the word before:
+        the space is put back."""
+        text = self.tokenizer.decode([i for i in ids if i not in self.not_in_sequence], clean_up_tokenization_spaces=True)
+        return re.sub(rf"(?<=\S){re.escape(self.mask_token)}", f" {self.mask_token}", text).strip()
 
 
 handle = TorchServeHandler(FillMask)

@@ -434,6 +434,21 @@ def send_together(served: Served, model: str, cases: list[tuple[str, dict, int]]
     return replies
 
 
+def send_batch_and_check(served, model: str, cases: list, check_answer) -> list:
+    """Send ``cases`` (name, request keywords, expected status) together so they share a batch;
+    each must get its own status and body shape."""
+    replies = send_together(served, model, cases)
+    outcome = {name: (reply.status_code, reply.text[:200]) for (name, _, _), reply in zip(cases, replies)}
+    for (name, _, expected), reply in zip(cases, replies):
+        body = body_of(reply)
+        assert reply.status_code == expected, f"{name}: expected {expected}; all: {outcome}"
+        if expected == 200:
+            check_answer(body)
+        else:
+            check_error_body(body, expected)
+    return replies
+
+
 def test_case8_mixed_text_batch(served):
     cases = [
         ("text/plain sentence", {"data": SENTENCE.encode(), "content_type": "text/plain; charset=utf-8"}, 200),
@@ -444,15 +459,7 @@ def test_case8_mixed_text_batch(served):
         ("form-urlencoded raw body", {"data": SENTENCE.encode(), "content_type": "application/x-www-form-urlencoded"}, 400),
         ("JSON string body", {"json": SENTENCE}, 200),
     ]
-    replies = send_together(served, SENTIMENT, cases)
-    outcome = {name: (reply.status_code, reply.text[:200]) for (name, _, _), reply in zip(cases, replies)}
-    for (name, _, expected), reply in zip(cases, replies):
-        body = body_of(reply)
-        assert reply.status_code == expected, f"{name}: expected {expected}; all: {outcome}"
-        if expected == 200:
-            check_sentiment(body)
-        else:
-            check_error_body(body, expected)
+    replies = send_batch_and_check(served, SENTIMENT, cases, check_sentiment)
     assert "one text per request" in replies[4].json()["message"]
     assert "x-www-form-urlencoded" in replies[5].json()["message"]
     assert_same_workers(served, SENTIMENT)
@@ -466,15 +473,7 @@ def test_case8_mixed_image_batch(served):
         ("truncated PNG", {"data": truncated_png(), "content_type": "image/png"}, 400),
         ('{"image": "%%%"}', {"json": {"image": "%%%"}}, 400),
     ]
-    replies = send_together(served, IMAGE_BATCH, cases)
-    outcome = {name: (reply.status_code, reply.text[:200]) for (name, _, _), reply in zip(cases, replies)}
-    for (name, _, expected), reply in zip(cases, replies):
-        body = body_of(reply)
-        assert reply.status_code == expected, f"{name}: expected {expected}; all: {outcome}"
-        if expected == 200:
-            check_top5(body)
-        else:
-            check_error_body(body, expected)
+    replies = send_batch_and_check(served, IMAGE_BATCH, cases, check_top5)
     assert "max_image_pixels" in replies[2].json()["message"]
     assert_same_workers(served, IMAGE_BATCH)
 

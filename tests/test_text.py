@@ -215,8 +215,10 @@ def test_a_body_sent_as_a_form_gets_a_400_naming_the_cause(tiny_sentiment):
     assert as_field.status == 200  # curl -d text=...: a field named "text" is the text
 
 
-def test_a_second_mask_keeps_its_space_in_each_sequence(rigged_roberta):
-    (reply,) = predict(rigged_roberta, [request("The <mask> of France is <mask>.", "text/plain")])
-    first_mask = reply.json()[0]
-    assert first_mask[0]["sequence"].endswith("is <mask>.") or " <mask>" in first_mask[0]["sequence"]
-    assert "is<mask>" not in first_mask[0]["sequence"]
+def test_a_second_mask_keeps_its_space_in_each_sequence(rigged_roberta, rigged_bert):
+    (roberta,) = predict(rigged_roberta, [request("The <mask> of France is <mask>.", "text/plain")])
+    first, second = roberta.json()
+    assert first[0]["sequence"] == "The Paris of France is <mask>."
+    assert second[0]["sequence"] == "The <mask> of France is Paris."
+    (bert,) = predict(rigged_bert, [request("The [MASK] of France is [MASK].", "text/plain")])
+    assert bert.json()[0][0]["sequence"] == "the paris of france is [MASK]."
