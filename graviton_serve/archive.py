@@ -23,7 +23,7 @@ import yaml
 
 from graviton_serve.paths import HANDLERS_DIR
 
-# TorchServe's own per-model keys; ours live under "handler" (see handlers.core.read_settings).
+# TorchServe's own per-model keys; ours live under "handler" (see handlers.settings.read_settings).
 TORCHSERVE_MODEL_KEYS = {
     "minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout",
     "deviceType", "deviceIds", "parallelType", "parallelLevel", "jobQueueSize", "maxRetryTimeoutInSec",
