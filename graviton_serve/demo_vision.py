@@ -14,7 +14,7 @@ from handlers.vision import architecture_name, build_network, weights_entry
 
 UNTRAINED_NOTE = (
     "UNTRAINED: random weights (the offline demo cannot download ImageNet weights); predictions are "
-    "meaningless. Build with --weights-from torchvision (or a state-dict file) for a real model."
+    "meaningless. Build a real one with `cli build-vision NAME --architecture ARCH --weights ENTRY` (or --weights-file)."
 )
 
 

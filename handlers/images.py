@@ -18,8 +18,9 @@ from handlers.errors import BadInput, PayloadTooLarge
 
 log = logging.getLogger(__name__)
 
-# 16-bit and 32-bit integer modes: PIL's convert() would clip them to 255, so scale instead.
-_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+# 16-bit and 32-bit integer modes, and 32-bit float: PIL's convert() would clip them to 255 (a
+# float image in 0..1 would turn black), so scale instead.
+_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -46,7 +47,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         ) from None
     except UnidentifiedImageError:
         raise BadInput(
-            "the body is not an image this server can read; send PNG, JPEG, WebP, BMP or GIF bytes, "
+            "the body is not an image this server can read; send PNG, JPEG, WebP, BMP, GIF or TIFF bytes, "
             "or the same as base64"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -86,8 +87,11 @@ def check_resize(size: tuple[int, int], short_side: int, max_pixels: int) -> Non
 def _widen_to_8bit(image: Image.Image) -> Image.Image:
     if image.mode not in _WIDE_MODES:
         return image
-    pixels = np.asarray(image, dtype=np.float64)
-    top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    if image.mode == "F" and pixels.max() <= 1.0:
+        top = 1.0  # a float image in 0..1
+    else:
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
     return Image.fromarray(np.clip(pixels / top * 255.0, 0, 255).astype(np.uint8), mode="L")
 
 

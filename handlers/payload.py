@@ -47,6 +47,7 @@ class Payload:
     content_type: str = ""  # the content part's own type, lower case
     fields: dict[str, Any] = field(default_factory=dict)
     sent_as_form: bool = False  # the HTTP request was x-www-form-urlencoded
+    unnamed_parts: int = 0  # parts sent, none of them under a content name (multipart, gRPC)
 
     @classmethod
     def from_request(cls, request: dict, headers: dict | None = None) -> "Payload":
@@ -61,7 +62,8 @@ class Payload:
         fields = {k: v for k, v in request.items() if k != body_key}
         part_headers = headers.get(body_key) if body_key else None
         content_type = str(part_headers.get("content-type", "") or "") if isinstance(part_headers, dict) else ""
-        return cls(request.get(body_key) if body_key else None, content_type.lower(), fields, sent_as_form)
+        unnamed = 0 if body_key or sent_as_form else len(request)
+        return cls(request.get(body_key) if body_key else None, content_type.lower(), fields, sent_as_form, unnamed)
 
     def json_body(self) -> Any:
         """The body as a JSON value, parsed by TorchServe or here (bytes sent as JSON); None when
@@ -118,7 +120,8 @@ class Payload:
                     raise BadInput(f'"{key}" holds a list: send one text per request (or a batch through the KServe envelope)')
                 if not isinstance(document, str):
                     raise BadInput(f'"{key}" must be a string')
-            self._refuse_non_content(document, "text", f'send the text as the body, or as JSON {{"{json_keys[0]}": "..."}}')
+            if document != "":  # an empty string is an empty text, said below
+                self._refuse_non_content(document, "text", f'send the text as the body, or as JSON {{"{json_keys[0]}": "..."}}')
             text = _without_lone_surrogates(document)
         if len(text.encode("utf-8")) > max_bytes:
             raise PayloadTooLarge(f"the text is over this model's limit of {max_bytes} bytes (max_text_bytes); send less")
@@ -137,20 +140,29 @@ class Payload:
             return decode_base64(document[json_key], what=f"'{json_key}'")
         content = self.body if document is None else document
         self._refuse_non_content(content, json_key, f"send the raw bytes, base64 text or {{\"{json_key}\": \"<base64>\"}}")
-        if isinstance(content, str):
-            return decode_base64(content, what="the text body")
+        if isinstance(content, str) or bytes(content[:5]) == b"data:":
+            return decode_base64(content if isinstance(content, str) else bytes(content).decode("ascii", "replace"),
+                                 what="the text body")
         maybe_text = _base64_text(bytes(content))
         return maybe_text if maybe_text is not None else bytes(content)
 
     def _refuse_non_content(self, value: Any, what: str, how: str) -> None:
         """A 400 that says why ``value`` is no usable content (a str or bytes that is not empty)."""
+        if value is None and self.sent_as_form:
+            raise BadInput(SENT_AS_FORM)
+        if value is None and self.unnamed_parts:
+            names = ", ".join(BODY_KEYS + CONTENT_PART_NAMES)
+            raise BadInput(f"the request has {self.unnamed_parts} parts and none is named {names}: name the content's "
+                           f"part one of these (options such as top_k go in parts of their own)")
+        if value is None and self.content_type.startswith("application/json"):
+            raise BadInput(f"the JSON body is null, not {_a(what)}; {how}")
         if value is None or (isinstance(value, (str, bytes, bytearray)) and len(value) == 0):
-            raise BadInput(SENT_AS_FORM if self.sent_as_form else f"the request body is empty; {how}")
+            raise BadInput(f"the request body is empty; {how}")
         if isinstance(value, list):
             raise BadInput(f"the JSON body is a list: send one {what} per request (or a batch through the KServe envelope)")
         if not isinstance(value, (str, bytes, bytearray)):
             json_type = {bool: "boolean", int: "number", float: "number", dict: "object"}.get(type(value), type(value).__name__)
-            raise BadInput(f"the JSON body is a {json_type}, not {'an' if what[0] in 'aeiou' else 'a'} {what}; {how}")
+            raise BadInput(f"the JSON body is a {json_type}, not {_a(what)}; {how}")
 
 
 _B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_\r\n ")
@@ -196,6 +208,10 @@ def _without_lone_surrogates(text: str) -> str:
         return text
     except UnicodeEncodeError:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 def _short(exc: BaseException) -> str:

@@ -30,7 +30,10 @@ def positive_int(maximum: int) -> Callable[[Any], int]:
     def parse(raw: Any) -> int:
         if isinstance(raw, (bool, float)):
             raise ValueError(f"expected an integer from 1 to {maximum}")
-        value = int(str(raw).strip())
+        try:
+            value = int(str(raw).strip())
+        except ValueError:
+            raise ValueError(f"expected an integer from 1 to {maximum}") from None
         if not 1 <= value <= maximum:
             raise ValueError(f"expected an integer from 1 to {maximum}, got {value}")
         return value

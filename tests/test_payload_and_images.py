@@ -81,6 +81,8 @@ def test_modes_convert_without_clipping_or_losing_ink():
     gray = np.asarray(to_gray(transparent_black_ink))
     assert gray[1, 1] == 0 and gray[0, 0] == 255  # ink stays dark, transparency becomes white
     assert to_rgb(Image.new("CMYK", (2, 2))).mode == "RGB"
+    unit_float = Image.fromarray(np.full((4, 4), 0.5, np.float32))  # a float TIFF in 0..1
+    assert np.asarray(to_gray(unit_float)).min() == 127
 
 
 def test_what_torchserve_parsed_is_never_parsed_again():
@@ -105,3 +107,15 @@ def test_a_resize_is_checked_before_it_runs():
     check_resize((4000, 1000), 232, 16_777_216)  # a panorama: 928 x 232
     with pytest.raises(PayloadTooLarge, match=r"8000x1; resizing its short side to 232 px would make 430592000 pixels"):
         check_resize((8000, 1), 232, 16_777_216)
+
+
+def test_messages_name_what_is_missing_without_echoing_the_input():
+    with pytest.raises(BadInput, match="none is named body, data, image"):
+        Payload.from_request({"photo": PNG, "top_k": b"2"}).binary("image")  # curl -F photo=@x.png -F top_k=2
+    with pytest.raises(BadInput, match="JSON body is null"):
+        Payload.from_request({"body": None}, {"body": {"content-type": "application/json"}}).binary("image")
+    with pytest.raises(BadInput) as error:
+        Payload.from_request({"body": PNG, "top_k": b"abc"}).option("top_k", positive_int(10), 5)
+    assert "abc" not in error.value.message and "integer from 1 to 10" in error.value.message
+    data_url = b"data:image/png;base64," + base64.b64encode(PNG)
+    assert Payload.from_request({"body": data_url}).binary("image") == PNG  # a data URL sent as raw bytes

@@ -184,7 +184,7 @@ def test_what_torchserve_hands_over_already_decoded_is_text(tiny_sentiment):
 @pytest.mark.parametrize("body, message", [
     (["a", "b"], "one text per request"),
     ({"text": ["a", "b"]}, "one text per request"),
-    (None, "empty"),
+    (None, "the JSON body is null"),
     (42, "not a text"),
     (True, "not a text"),
 ])
