@@ -190,17 +190,29 @@ def main(argv: list[str] | None = None) -> int:
             for field in args.field:
                 key, _, value = field.partition("=")
                 inputs[key] = value.encode()
-            if args.command == "predict":
-                print(client.predict(args.model, inputs).decode("utf-8", errors="replace"))
-            else:
-                for chunk in client.stream_predict(args.model, inputs):
-                    print(chunk.decode("utf-8", errors="replace"))
+            replies = ([client.predict(args.model, inputs)] if args.command == "predict"
+                       else client.stream_predict(args.model, inputs))
+            failed = False
+            for reply in replies:
+                print(reply.decode("utf-8", errors="replace"))
+                failed = failed or is_error_reply(reply)
+            if failed:
+                return 1  # TorchServe's gRPC carries no status: the error is in the body
     except grpc.RpcError as error:
         print(f"gRPC error {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
     finally:
         client.close()
     return 0
+
+
+def is_error_reply(body: bytes) -> bool:
+    """True for our error body ``{"code": 4xx/5xx, "type", "message"}``."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(document, dict) and set(document) == {"code", "type", "message"} and document["code"] >= 400
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import pytest
 import requests
 
 from graviton_serve.demo_mnist import split_digits
-from graviton_serve.grpc_client import GrpcClient
-from tests.conftest import ServerUnderTest, mnist_variant
+from graviton_serve.grpc_client import GrpcClient, main as grpc_client_main
+from tests.conftest import TESTS, ServerUnderTest, mnist_variant
 from tests.images import bomb_png, png, truncated_png
 
 pytestmark = pytest.mark.integration
@@ -154,3 +154,10 @@ def test_stopping_leaves_no_process(mnist_mar, tmp_path):
     assert all(path.is_relative_to(tmp_path) for path in (server.pid_file, server.key_file, server.log_dir))
     under_test.stop()  # asserts every PID is gone
     assert not server.pid_file.exists()
+
+
+def test_grpc_client_script_exits_non_zero_on_an_error_body(mnist_server, capsys):
+    common = ["--inference-port", str(mnist_server.ports.grpc_inference), "--key-file", str(mnist_server.key_file)]
+    assert grpc_client_main([*common, "predict", "mnist", str(TESTS / "data" / "digit.png")]) == 0
+    assert grpc_client_main([*common, "predict", "mnist", "--text", "not an image"]) == 1
+    assert '"code": 400' in capsys.readouterr().out  # the error body is still printed
