@@ -68,6 +68,9 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+TEXT_FAMILIES = ("text_classification", "fill_mask")
+
+
 def family(name: str) -> Family:
     try:
         return FAMILIES[name]
@@ -82,8 +85,6 @@ def for_task(task: str) -> Family:
         raise ValueError(f"unknown text task '{task}'; known: {', '.join(text_tasks())}")
     return matches[0]
 
-
-TEXT_FAMILIES = ("text_classification", "fill_mask")
 
 
 def text_tasks() -> list[str]:

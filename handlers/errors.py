@@ -42,13 +42,13 @@ class ErrorKind:
 
 # One table, most specific first. MemoryError and torch.OutOfMemoryError come from the forward
 # pass: 507, the status TorchServe itself uses for "out of resources".
+OUT_OF_MEMORY = ErrorKind(507, "OutOfMemory", logging.WARNING,
+                          "the worker ran out of memory for this batch; retry, or send smaller inputs")
 ERROR_TABLE: tuple[tuple[type[BaseException], ErrorKind], ...] = (
     (BadInput, ErrorKind(400, "BadInput", logging.INFO, None)),
     (PayloadTooLarge, ErrorKind(413, "PayloadTooLarge", logging.INFO, None)),
-    (torch.OutOfMemoryError, ErrorKind(507, "OutOfMemory", logging.WARNING,
-                                       "the worker ran out of memory for this batch; retry, or send smaller inputs")),
-    (MemoryError, ErrorKind(507, "OutOfMemory", logging.WARNING,
-                            "the worker ran out of memory for this batch; retry, or send smaller inputs")),
+    (torch.OutOfMemoryError, OUT_OF_MEMORY),  # CUDA's; not a MemoryError subclass
+    (MemoryError, OUT_OF_MEMORY),
 )
 INTERNAL = ErrorKind(500, "InternalError", logging.ERROR,
                      "internal error in the model handler; the worker log has the details")

@@ -46,6 +46,7 @@ class TorchServeHandler:
         self.make_handler = make_handler
         self.worker: Worker | None = None
         self.busy: torchserve_wire.BusyMarker | None = None
+        self.enveloped: bool | None = None  # decided on the first batch: the caller is fixed for the worker's life
 
     def __call__(self, data: Any, context: Any) -> Any:
         if self.worker is None:
@@ -54,9 +55,10 @@ class TorchServeHandler:
             log.info("%s: ready on %s, pid %d", self.worker.model_name, self.worker.device, os.getpid())
         if data is None:
             return None
-        enveloped = torchserve_wire.called_by_envelope(sys._getframe(1))
+        if self.enveloped is None:
+            self.enveloped = torchserve_wire.called_by_envelope(sys._getframe(1))
         with self.busy:
-            return self.worker.handle(data, context, enveloped)
+            return self.worker.handle(data, context, self.enveloped)
 
 
 @dataclass(frozen=True)

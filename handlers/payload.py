@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -68,6 +69,11 @@ class Payload:
     def json_body(self) -> Any:
         """The body as a JSON value, parsed by TorchServe or here (bytes sent as JSON); None when
         the body was not sent as JSON. Invalid JSON is the client's error to hear about."""
+        return self._json
+
+    @functools.cached_property
+    def _json(self) -> Any:
+        # Parsed once: decode asks for it for the content and again for each option.
         if not isinstance(self.body, (bytes, bytearray, str)):
             return self.body  # TorchServe parsed it: dict, list, number, bool (or None: no JSON)
         if isinstance(self.body, (bytes, bytearray)) and self.content_type.startswith("application/json"):
@@ -103,8 +109,6 @@ class Payload:
         of ``json_keys``. Lone UTF-16 surrogates (an emoji cut in half) become U+FFFD."""
         keys = " or ".join(f'"{key}"' for key in json_keys)
         if isinstance(self.body, (bytes, bytearray)) and self.json_body() is None:
-            if len(self.body) > max_bytes:
-                raise PayloadTooLarge(f"the text is over this model's limit of {max_bytes} bytes (max_text_bytes); send less")
             try:
                 text = bytes(self.body).decode("utf-8")
             except UnicodeDecodeError as error:
