@@ -17,7 +17,7 @@ from graviton_serve.paths import CACHE_DIR, ROOT
 from graviton_serve.progress import say
 
 DEPLOY_DIR = ROOT / "deploy"
-DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
+DOCKERFILES = [ROOT / "docker" / "Dockerfile"]
 ECS_TASKS = sorted((DEPLOY_DIR / "ecs").glob("*.json"))
 KUSTOMIZATIONS = [DEPLOY_DIR / "k8s" / "base", DEPLOY_DIR / "k8s" / "gpu"]
 KUBERNETES_VERSION = "1.32.0"  # EKS standard support at the time of writing

@@ -4,10 +4,8 @@ qemu-user. Speeds there mean nothing; the path taken and the numbers produced do
 
 Made once and cached (``.cache/aarch64-root``), as root:
 1. Debian's ``qemu-user-static`` and ``debootstrap`` (apt-get, when missing);
-2. ``debootstrap --foreign`` (download, verify, unpack), then its second stage inside the root
-   under emulation, through a binfmt_misc entry registered only for that step (flag F: qemu is
-   opened at registration, so nothing is copied into the root). What we mount and register is
-   removed afterwards, also on failure;
+2. a Debian arm64 root with Python 3.11 (graviton_serve.debian: ``debootstrap --foreign``, then the
+   second stage under emulation through a binfmt_misc entry registered for that step only);
 3. the Python packages, resolved and installed for aarch64 by ``uv`` on the host: pip cannot
    evaluate another machine's markers (torch 2.10's CUDA wheels are marked x86_64), and pip under
    emulation took 4 minutes. Same versions as this venv, except torch and torchvision: the
@@ -32,19 +30,15 @@ import shutil
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from graviton_serve import debian
+from graviton_serve.debian import QEMU
 from graviton_serve.paths import CACHE_DIR
 from graviton_serve.progress import say
 
-DEBIAN_SUITE = "bookworm"  # Python 3.11, as the project requires
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
-QEMU = "qemu-aarch64-static"
-BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
-QEMU_BINFMT_CONF = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")  # Debian's entry, shipped by qemu-user-static
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"  # on Debian's sys.path, outside dpkg's files
 # torchvision releases built against each torch release.
 TORCHVISION_FOR = {"2.14.1": "0.29.1", "2.13.0": "0.28.0", "2.10.0": "0.25.0"}
@@ -113,7 +107,6 @@ def ensure_root(cache_dir: Path = CACHE_DIR) -> Aarch64Python:
         return ready
     root = root_dir(cache_dir)
     _require_root_user()
-    _ensure_host_tools()
     if not (root / "usr/bin/python3").exists():
         _build_debian_root(root)
     torch_version = _install_packages(root)
@@ -126,72 +119,16 @@ def _require_root_user() -> None:
                         "run scripts/aarch64-root with sudo, then the tests as any user")
 
 
-def _ensure_host_tools() -> None:
-    missing = [tool for tool in (QEMU, "debootstrap") if shutil.which(tool) is None]
-    if not missing:
-        return
-    if shutil.which("apt-get") is None:
-        raise RootError(f"{', '.join(missing)} not found and no apt-get to install them: install Debian's "
-                        "qemu-user-static and debootstrap (or your distribution's equivalents)")
-    say("aarch64 root: installing qemu-user-static and debootstrap (apt-get)")
-    packages = ["qemu-user-static", "debootstrap"]
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
-    if subprocess.run(install, stdout=subprocess.DEVNULL).returncode != 0:
-        _run(["apt-get", "update"], "apt-get update")
-        _run(install, "apt-get install " + " ".join(packages))
-
-
 def _build_debian_root(root: Path) -> None:
     partial = root.with_name(root.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    say(f"aarch64 root: debootstrap {DEBIAN_SUITE} arm64, first stage (download and unpack, ~30 s)")
-    _run(["debootstrap", "--foreign", "--arch=arm64", "--variant=minbase", "--include=python3",
-          DEBIAN_SUITE, str(partial), DEBIAN_MIRROR], "debootstrap --foreign")
-    say("aarch64 root: second stage under emulation (configures ~110 packages; about 5 min)")
-    with _aarch64_binfmt(), _unmount_below(partial):
-        _run(["chroot", str(partial), "/debootstrap/debootstrap", "--second-stage"], "debootstrap --second-stage",
-             log=partial / "second-stage.log")
+    try:
+        debian.debootstrap(partial, "arm64", "python3", partial.with_name("aarch64-root.log"), "aarch64 root")
+    except debian.DebianError as error:
+        raise RootError(str(error)) from None
     if root.exists():
         shutil.rmtree(root)
     partial.rename(root)
-    say(f"aarch64 root: Debian {DEBIAN_SUITE} arm64 with Python 3.11 at {root}")
-
-
-@contextmanager
-def _aarch64_binfmt():
-    """binfmt_misc mounted and qemu-aarch64 registered for the block; only what we added is undone."""
-    mounted = registered = False
-    try:
-        if not (BINFMT_DIR / "register").exists():
-            _run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)], "mount binfmt_misc")
-            mounted = True
-        entry = BINFMT_DIR / "qemu-aarch64"
-        if not entry.exists():
-            if not QEMU_BINFMT_CONF.exists():
-                raise RootError(f"{QEMU_BINFMT_CONF} not found: it comes with Debian's qemu-user-static")
-            (BINFMT_DIR / "register").write_text(QEMU_BINFMT_CONF.read_text().strip())
-            registered = True
-        yield
-    except PermissionError as error:
-        raise RootError(f"cannot register qemu-aarch64 with binfmt_misc ({error}); a container needs --privileged") from None
-    finally:
-        if registered:
-            (BINFMT_DIR / "qemu-aarch64").write_text("-1")
-        if mounted:
-            subprocess.run(["umount", str(BINFMT_DIR)])
-
-
-@contextmanager
-def _unmount_below(folder: Path):
-    """debootstrap mounts /proc and /sys inside the root; make sure nothing stays mounted there."""
-    try:
-        yield
-    finally:
-        prefix = str(folder.resolve()) + "/"
-        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-        for point in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
-            subprocess.run(["umount", "-l", point])
+    say(f"aarch64 root: Debian {debian.SUITE} arm64 with Python 3.11 at {root}")
 
 
 def _install_packages(root: Path) -> str:
@@ -269,14 +206,6 @@ def _write_stamp(root: Path, torch_version: str) -> None:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "no output"
-
-
-def _run(command: list[str], what: str, log: Path | None = None) -> None:
-    result = subprocess.run(command, capture_output=True, text=True)
-    if log is not None:
-        log.write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise RootError(f"{what} failed (exit {result.returncode}): {_last_line(result.stderr or result.stdout)}")
 
 
 def build_aarch64_root(optional: bool) -> int:
