@@ -121,6 +121,10 @@ class Podman:
     def image_exists(self, tag: str) -> bool:
         return self.run("image", "exists", tag, check=False).returncode == 0
 
+    def image_id(self, tag: str) -> str | None:
+        result = self.run("image", "inspect", "--format", "{{.Id}}", tag, check=False)
+        return result.stdout.decode().strip() if result.returncode == 0 else None
+
     def image_size(self, tag: str) -> int:
         return int(self.output("image", "inspect", "--format", "{{.Size}}", tag))
 
@@ -225,6 +229,7 @@ def build(variant: str = "cpu", arch: str | None = None, base: str | None = None
         raise ImageError(f"{MODEL_STORE} has no .mar: build the demo store first (python -m graviton_serve.cli build-store)")
     base = base or ensure_base(engine, arch)
     tag = image_tag(variant if arch == machine_arch() else f"{variant}-{arch}")
+    previous = engine.image_id(tag)
     settings = pip_settings()
     log = IMAGES_DIR / f"build-{variant}-{arch}.log"
     with tempfile.TemporaryDirectory(prefix="gs-pip-") as pip_dir:
@@ -244,6 +249,9 @@ def build(variant: str = "cpu", arch: str | None = None, base: str | None = None
         with debian.aarch64_binfmt() if arch != machine_arch() else nullcontext():
             _run_build(command, engine.environment(), log)
     size = engine.image_size(tag)
+    if previous and previous != engine.image_id(tag):
+        # The image this tag named before, now untagged: GBs that nothing uses (unless a container does).
+        engine.run("rmi", previous, check=False)
     say(f"image: {tag} built in {time.monotonic() - started:.0f} s, {size / 1e9:.2f} GB")
     return tag
 
