@@ -183,12 +183,14 @@ def ensure_base(engine: Podman, arch: str) -> str:
 def pip_settings(python: str = sys.executable) -> dict[str, str]:
     """This machine's pip index settings (index-url, extra-index-url, find-links), as pip reports them."""
     result = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True)
-    settings: dict[str, str] = {}
+    files: dict[str, str] = {}
+    environment: dict[str, str] = {}
     for line in result.stdout.splitlines():
-        match = re.match(r"^[^.]*\.([a-z-]+)='(.*)'$", line.strip())
-        if match and match.group(1) in PIP_INDEX_KEYS:
-            settings[match.group(1)] = match.group(2)  # later lines (the environment) win, as in pip
-    return settings
+        match = re.match(r"^([^.]*)\.([a-z-]+)='(.*)'$", line.strip())
+        if match and match.group(2) in PIP_INDEX_KEYS:
+            # PIP_* variables (":env:") override every configuration file, as in pip itself.
+            (environment if match.group(1) == ":env:" else files)[match.group(2)] = match.group(3)
+    return {**files, **environment}
 
 
 def local_folders(settings: dict[str, str]) -> list[Path]:

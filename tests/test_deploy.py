@@ -34,6 +34,11 @@ def test_dockerfile_lints_clean_and_runs_our_entrypoint_as_non_root(dockerfile, 
     assert set(map(int, re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split())) == PORTS
     assert 'CMD ["python", "-m", "graviton_serve.container", "--live"]' in text
     assert re.search(r'^ENTRYPOINT \["python", "-m", "graviton_serve.container"\]$', text, re.M)
+    # Real defaults for real users; nothing of this machine (its local base, its package folders).
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim-bookworm$", text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu$", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    assert not re.search(r"localhost|/opt/pypi|/opt/wheels|graviton-serve-base", text)
     # The linter can fail: an unpinned apt install is DL3008.
     broken = tmp_path / "Dockerfile"
     broken.write_text("FROM debian:bookworm\nRUN apt-get update && apt-get install -y curl\n")
