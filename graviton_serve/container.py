@@ -89,6 +89,14 @@ class ContainerSettings:
             raise SettingsError(f"GS_MODEL_STORE={settings.model_store}: no .mar archive in it")
         if not settings.config.is_file():
             raise SettingsError(f"GS_CONFIG={settings.config}: no such file")
+        try:
+            settings.run_dir.mkdir(parents=True, exist_ok=True)
+            writable = os.access(settings.run_dir, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:
+            raise SettingsError(f"GS_RUN_DIR={settings.run_dir}: cannot write there (the key file and logs go there); "
+                                f"with a read-only root filesystem, mount a tmpfs on it (README, Containers)")
         return settings
 
     def server(self) -> TorchServe:

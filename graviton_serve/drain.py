@@ -70,6 +70,8 @@ def serve_foreground(server: TorchServe, drain_timeout_s: int = 30, ready_timeou
                      on_ready: Callable[[], None] | None = None) -> int:
     """Start ``server`` in the foreground and hold it until SIGTERM/SIGINT (then drain and stop)
     or until TorchServe exits on its own; returns the status to exit with."""
+    from graviton_serve.server import StartCancelled  # here: server.py imports this module
+
     draining = server.run_dir / DRAINING_FILE
     stop = threading.Event()
 
@@ -81,7 +83,12 @@ def serve_foreground(server: TorchServe, drain_timeout_s: int = 30, ready_timeou
     server.run_dir.mkdir(parents=True, exist_ok=True)
     draining.unlink(missing_ok=True)
     say(f"starting TorchServe: models {', '.join(server.expected_models())}")
-    launcher = server.start(timeout=ready_timeout_s, foreground=True)
+    try:
+        # A signal during start-up stops TorchServe at once: nothing is served yet, nothing to drain.
+        launcher = server.start(timeout=ready_timeout_s, foreground=True, cancel=stop)
+    except StartCancelled as cancelled:
+        say(f"signal received during start-up: TorchServe stopped ({cancelled})")
+        return 0
     say("every model READY")
     if on_ready:
         on_ready()

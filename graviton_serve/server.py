@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,10 @@ from graviton_serve.java import find_java_home
 from graviton_serve.management import ManagementClient
 from graviton_serve.torchserve_config import Ports, ServerConfig, write_properties
 from handlers.launch import launch_environment
+
+
+class StartCancelled(RuntimeError):
+    """``start`` was told to give up (a container's SIGTERM during start-up); TorchServe is stopped."""
 
 
 class ServerError(RuntimeError):
@@ -114,10 +119,12 @@ class TorchServe:
         )
         return env
 
-    def start(self, timeout: float = 180.0, foreground: bool = False) -> subprocess.Popen | None:
+    def start(self, timeout: float = 180.0, foreground: bool = False,
+              cancel: threading.Event | None = None) -> subprocess.Popen | None:
         """Start TorchServe and wait until every model in the store has a READY worker.
 
         With ``foreground`` the launcher process stays attached and is returned (for containers).
+        ``cancel`` set while waiting: TorchServe is stopped and StartCancelled raised.
         """
         if self.is_running():
             raise ServerError(f"a TorchServe of this run folder is already running (pid {self.pid}); stop it first")
@@ -141,7 +148,7 @@ class TorchServe:
         try:
             if not foreground:
                 launcher.wait(timeout=60)
-            self.wait_ready(timeout)
+            self.wait_ready(timeout, cancel)
         except BaseException:
             self.stop()
             raise
@@ -150,8 +157,11 @@ class TorchServe:
     def expected_models(self) -> list[str]:
         return sorted(path.stem for path in self.model_store.glob("*.mar"))
 
-    def wait_ready(self, timeout: float) -> dict[str, str]:
-        """Wait until each model of the store has a READY worker; returns name -> status."""
+    def wait_ready(self, timeout: float, cancel: threading.Event | None = None) -> dict[str, str]:
+        """Wait until each model of the store has a READY worker; returns name -> status.
+        Raises ServerError (TorchServe exited, or the timeout, with the workers' last errors) or
+        StartCancelled (``cancel`` was set)."""
+        cancel = cancel or threading.Event()
         deadline = time.monotonic() + timeout
         expected = self.expected_models()
         client = self.management()
@@ -163,11 +173,23 @@ class TorchServe:
                 status = {name: client.status(name) for name in expected}
                 if all(state == "READY" for state in status.values()):
                     return status
-            time.sleep(0.5)
+            if cancel.wait(0.5):
+                raise StartCancelled(f"start-up cancelled; models then: {status or 'frontend not up'}")
+        errors = self.worker_errors()
         raise ServerError(
-            f"not every model was READY within {timeout:.0f}s: {status or 'frontend not up'}; "
-            f"see {self.log_dir}\n{self.log_tail()}"
+            f"not every model was READY within {timeout:.0f}s: {status or 'frontend not up'}; see {self.log_dir}\n"
+            + (f"the workers' last errors:\n{errors}" if errors else self.log_tail())
         )
+
+    def worker_errors(self, lines: int = 8) -> str:
+        """The last lines of the workers' log that report an error (a model that fails to load
+        keeps being retried by TorchServe, and its access log buries the cause)."""
+        path = self.log_dir / "model_log.log"
+        if not path.exists():
+            return ""
+        found = [line for line in path.read_text(errors="replace").splitlines()
+                 if "Error" in line or "ERROR" in line or "Traceback" in line]
+        return "\n".join(found[-lines:])
 
     def processes(self) -> list[psutil.Process]:
         """The frontend and all its descendants (the Python workers)."""

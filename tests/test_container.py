@@ -167,10 +167,32 @@ def test_token_auth_is_on_unless_switched_off_and_a_dead_torchserve_fails_the_co
     assert gone(pids)
 
 
+@pytest.mark.integration
+def test_sigterm_during_start_up_stops_at_once_and_a_model_that_never_loads_is_named(tmp_path, store, containers):
+    (store / "broken.mar").write_bytes(os.urandom(1000))  # TorchServe retries such a model for ever
+    container = containers(tmp_path / "cancelled", store)
+    deadline = time.monotonic() + 60
+    while "starting TorchServe" not in container.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    time.sleep(3)
+    pids = container.all_pids()
+    container.process.send_signal(signal.SIGTERM)
+    assert container.process.wait(timeout=60) == 0
+    assert "signal received during start-up: TorchServe stopped" in container.log.read_text()
+    assert gone(pids)
+
+    timed_out = containers(tmp_path / "timeout", store, GS_READY_TIMEOUT_S="25")
+    assert timed_out.process.wait(timeout=120) == 1
+    log = timed_out.log.read_text()
+    assert "not every model was READY within 25s" in log and "'broken': 'LOADING'" in log, log[-2000:]
+    assert "the workers' last errors:" in log and "Error" in log.split("the workers' last errors:")[1], log[-2000:]
+
+
 @pytest.mark.parametrize("env, message", [
     ({"GS_DRAIN_TIMEOUT_S": "soon"}, "GS_DRAIN_TIMEOUT_S"),
     ({"TS_DISABLE_TOKEN_AUTH": "maybe"}, "TS_DISABLE_TOKEN_AUTH"),
     ({"GS_MODEL_STORE": "/nonexistent/store"}, "GS_MODEL_STORE"),
+    ({"GS_RUN_DIR": "/proc/no-such-run-folder"}, "GS_RUN_DIR"),  # e.g. --read-only without the tmpfs
 ])
 def test_a_bad_setting_is_named_before_anything_starts(tmp_path, store, env, message):
     environ = {**os.environ, "GS_MODEL_STORE": str(store), "GS_CONFIG": str(CONTAINER_CONFIG),
