@@ -59,7 +59,9 @@ default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 """
-PIP_INDEX_KEYS = ("index-url", "extra-index-url", "find-links")
+# What of the machine's pip configuration the build gets: where packages come from, and how long a
+# read may stall (the machine's proxy can; the default is 15 s).
+PIP_INDEX_KEYS = ("index-url", "extra-index-url", "find-links", "default-timeout")
 
 
 class ImageError(RuntimeError):
@@ -181,7 +183,7 @@ def ensure_base(engine: Podman, arch: str) -> str:
 
 
 def pip_settings(python: str = sys.executable) -> dict[str, str]:
-    """This machine's pip index settings (index-url, extra-index-url, find-links), as pip reports them."""
+    """This machine's pip index settings (PIP_INDEX_KEYS), as pip reports them."""
     result = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True)
     files: dict[str, str] = {}
     environment: dict[str, str] = {}
