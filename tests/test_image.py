@@ -201,7 +201,7 @@ def test_every_demo_model_answers_as_the_host_side_server_does(served, host_serv
                                        headers={**host_server.auth(), "Content-Type": content_type}, timeout=120)
             assert host_reply.status_code == 200, host_reply.text
             assert_close(reply.json(), host_reply.json(), model)
-            print(f"{model}: container {reply.text[:160]}")
+            print(f"{model}:\n  container {reply.text[:150]}\n  host      {host_reply.text[:150]}")
 
 
 def test_grpc_from_the_host_gives_the_rest_answer(served):
