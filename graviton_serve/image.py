@@ -61,11 +61,11 @@ cgroup_manager = "cgroupfs"
 """
 # What of the machine's pip configuration the build gets: where packages come from, and how long a
 # read may stall (the machine's proxy can; the default is 15 s).
-PIP_INDEX_KEYS = ("index-url", "extra-index-url", "find-links", "default-timeout")
+MIRRORED_PIP_KEYS = ("index-url", "extra-index-url", "find-links", "default-timeout")
 
 
 class ImageError(RuntimeError):
-    pass
+    """A step failed: the message names it (and its log file, where it has one)."""
 
 
 class Unavailable(ImageError):
@@ -108,10 +108,8 @@ class Podman:
         if not self.conf.is_file() or self.conf.read_text() != CONTAINERS_CONF_TEXT:
             self.conf.write_text(CONTAINERS_CONF_TEXT)
 
-    def run(self, *args: str, check: bool = True, timeout: float | None = None,
-            input: bytes | None = None) -> subprocess.CompletedProcess:
-        result = subprocess.run(self.command(*args), env=self.environment(), capture_output=True, timeout=timeout,
-                                input=input)
+    def run(self, *args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
+        result = subprocess.run(self.command(*args), env=self.environment(), capture_output=True, timeout=timeout)
         if check and result.returncode != 0:
             raise ImageError(f"podman {' '.join(args[:2])} failed ({result.returncode}): "
                              f"{_last_lines(result.stderr.decode(errors='replace'))}")
@@ -183,13 +181,13 @@ def ensure_base(engine: Podman, arch: str) -> str:
 
 
 def pip_settings(python: str = sys.executable) -> dict[str, str]:
-    """This machine's pip index settings (PIP_INDEX_KEYS), as pip reports them."""
+    """This machine's pip index settings (MIRRORED_PIP_KEYS), as pip reports them."""
     result = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True)
     files: dict[str, str] = {}
     environment: dict[str, str] = {}
     for line in result.stdout.splitlines():
         match = re.match(r"^([^.]*)\.([a-z-]+)='(.*)'$", line.strip())
-        if match and match.group(2) in PIP_INDEX_KEYS:
+        if match and match.group(2) in MIRRORED_PIP_KEYS:
             # PIP_* variables (":env:") override every configuration file, as in pip itself.
             (environment if match.group(1) == ":env:" else files)[match.group(2)] = match.group(3)
     return {**files, **environment}
@@ -246,9 +244,8 @@ def build(variant: str = "cpu", arch: str | None = None, base: str | None = None
             "--build-arg", f"TORCH_INDEX_URL={'' if variant == 'gpu' else torch_index}",
             "--build-arg", "PIP_CONFIG_FILE=/run/graviton-serve-pip/pip.conf",
             *mounts, "--tag", tag, str(ROOT))
-        say(f"image: building {tag} from {DOCKERFILE.relative_to(ROOT)} on {base} (cold: ~10 min; log {log})")
-        if arch != machine_arch():
-            say("image: an arm64 build runs every RUN step under qemu-user emulation: expect an hour or more")
+        cold = "~7 min" if arch == machine_arch() else "an hour or more: every RUN step runs under qemu-user"
+        say(f"image: building {tag} from {DOCKERFILE.relative_to(ROOT)} on {base} (cold: {cold}; log {log})")
         started = time.monotonic()
         with debian.aarch64_binfmt() if arch != machine_arch() else nullcontext():
             _run_build(command, engine.environment(), log)

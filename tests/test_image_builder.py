@@ -18,7 +18,7 @@ def test_the_machines_pip_index_settings_are_read_as_pip_reports_them(monkeypatc
     settings = image.pip_settings(sys.executable)
     assert settings["find-links"] == str(wheels)
     assert settings["extra-index-url"] == "https://mirror.example/simple"
-    assert set(settings) <= set(image.PIP_INDEX_KEYS)
+    assert set(settings) <= set(image.MIRRORED_PIP_KEYS)
 
 
 def test_local_indexes_are_mounted_and_remote_ones_are_not(tmp_path):
