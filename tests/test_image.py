@@ -8,6 +8,7 @@ Needs root and podman (installed by scripts/test where apt-get can): elsewhere o
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
@@ -34,7 +35,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.container,
 HOME = "/home/model-server"
 INSIDE_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070,
                 "grpc_management": 7071}
-NAME_PREFIX = "gs-test-"
+NAME_PREFIX = f"gs-test-{os.getpid()}-"  # two suites on one machine never touch each other's
 # The host-side reference: one archive per family (the container serves all seven).
 COMPARED = ["mnist", "bert_sentiment", "bert_fill_mask", "resnet50"]
 
