@@ -125,6 +125,10 @@ class Podman:
         result = self.run("image", "inspect", "--format", "{{.Id}}", tag, check=False)
         return result.stdout.decode().strip() if result.returncode == 0 else None
 
+    def tags(self, image_id: str) -> list[str]:
+        result = self.run("image", "inspect", "--format", "{{join .RepoTags \" \"}}", image_id, check=False)
+        return result.stdout.decode().split() if result.returncode == 0 else []
+
     def image_size(self, tag: str) -> int:
         return int(self.output("image", "inspect", "--format", "{{.Size}}", tag))
 
@@ -250,8 +254,8 @@ def build(variant: str = "cpu", arch: str | None = None, base: str | None = None
         with debian.aarch64_binfmt() if arch != machine_arch() else nullcontext():
             _run_build(command, engine.environment(), log)
     size = engine.image_size(tag)
-    if previous and previous != engine.image_id(tag):
-        # The image this tag named before, now untagged: GBs that nothing uses (unless a container does).
+    if previous and previous != engine.image_id(tag) and not engine.tags(previous):
+        # The image this tag named before, now named by no tag: GBs nothing uses (unless a container does).
         engine.run("rmi", previous, check=False)
     say(f"image: {tag} built in {time.monotonic() - started:.0f} s, {size / 1e9:.2f} GB")
     return tag
