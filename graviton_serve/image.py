@@ -98,12 +98,10 @@ class Podman:
             reason = unavailable_reason()
             if reason:
                 raise Unavailable(reason)
-            say(f"container engine: installing {' '.join(ENGINE_PACKAGES)} (apt-get, ~30 s)")
-            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-            for step in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *ENGINE_PACKAGES]):
-                result = subprocess.run(step, env=env, capture_output=True, text=True)
-                if result.returncode != 0:
-                    raise ImageError(f"{' '.join(step)} failed: {_last_lines(result.stderr or result.stdout)}")
+            try:
+                debian.apt_install(ENGINE_PACKAGES)
+            except debian.DebianError as error:
+                raise ImageError(str(error)) from None
         self.conf.parent.mkdir(parents=True, exist_ok=True)
         if not self.conf.is_file() or self.conf.read_text() != CONTAINERS_CONF_TEXT:
             self.conf.write_text(CONTAINERS_CONF_TEXT)

@@ -45,6 +45,7 @@ class RunningImage:
 
     def __init__(self, engine: image.Podman, tag: str, name: str, *extra: str, command: tuple[str, ...] = ()):
         self.engine, self.name = engine, f"{NAME_PREFIX}{name}"
+        self.key_files: dict[str, dict] = {}
         self.ports = Ports.free()
         engine.run("rm", "--force", "--ignore", self.name)
         publish = [f"--publish=127.0.0.1:{getattr(self.ports, api)}:{port}" for api, port in INSIDE_PORTS.items()]
@@ -79,9 +80,12 @@ class RunningImage:
         return self.engine.run("exec", self.name, *command, check=False, timeout=120)
 
     def keys(self, key_file: str = f"{HOME}/run/key_file.json") -> dict:
-        result = self.exec("cat", key_file)
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
+        """The container's key file (made at start, fixed for its life): read once through podman exec."""
+        if key_file not in self.key_files:
+            result = self.exec("cat", key_file)
+            assert result.returncode == 0, result.stderr
+            self.key_files[key_file] = json.loads(result.stdout)
+        return self.key_files[key_file]
 
     def url(self, api: str, path: str) -> str:
         return f"http://127.0.0.1:{getattr(self.ports, api)}/{path}"
@@ -89,9 +93,8 @@ class RunningImage:
     def auth(self, api: str = "inference") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys()[api]['key']}"}
 
-    def post(self, model: str, body: bytes, content_type: str | None = None, timeout: float = 120,
-             auth: dict[str, str] | None = None) -> requests.Response:
-        headers = {**(auth or self.auth()), **({"Content-Type": content_type} if content_type else {})}
+    def post(self, model: str, body: bytes, content_type: str | None = None, timeout: float = 120) -> requests.Response:
+        headers = {**self.auth(), **({"Content-Type": content_type} if content_type else {})}
         return requests.post(self.url("inference", f"predictions/{model}"), data=body, headers=headers,
                              timeout=timeout)
 
@@ -249,9 +252,9 @@ def test_bad_input_is_a_4xx_for_that_request_and_the_worker_stays_up(served):
 def drain_with_requests_in_flight(container: RunningImage, send_sigterm, while_draining=lambda: None):
     """Four requests of 1.5 s each (one at a time in the worker: ~6 s of work) in flight, then
     ``send_sigterm``; returns the replies, what ``while_draining`` returned and the exit code."""
-    auth = container.auth()
+    container.keys()  # read before the requests go, so that all four are in flight at the signal
     with ThreadPoolExecutor(4) as pool:
-        replies = [pool.submit(container.post, "slow", b"15", auth=auth) for _ in range(4)]
+        replies = [pool.submit(container.post, "slow", b"15") for _ in range(4)]
         time.sleep(1.0)
         stopper = threading.Thread(target=send_sigterm)
         stopper.start()
