@@ -79,7 +79,7 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray) -
     return float((predicted.numpy() == labels).mean())
 
 
-def train(epochs: int = 10, batch_size: int = 64) -> tuple[MnistNet, dict]:
+def train(epochs: int = 5, batch_size: int = 64) -> tuple[MnistNet, dict]:
     """Train the CNN; returns the model and its metadata (held-out accuracy and how it was made)."""
     started = time.monotonic()
     torch.manual_seed(SEED)

@@ -50,7 +50,7 @@ def state_dict_maker(train: Callable[[], tuple[torch.nn.Module, dict]], filename
     return make
 
 
-TEXT_SOURCES = ("graviton_serve/demo_text.py",)  # training does not use the handler
+TEXT_SOURCES = ("graviton_serve/demo_text.py", "tests/data/clear_sentiment.tsv")  # training does not use the handler
 TEXT_DEMOS = {
     "bert_sentiment": ("text_classification", demo_text.bert_sentiment),
     "roberta_sentiment": ("text_classification", demo_text.roberta_sentiment),
