@@ -55,10 +55,11 @@ def ensure_tools(arch: str) -> None:
 def apt_install(packages: list[str]) -> None:
     """Debian's ``packages`` (root); the package lists are refreshed only when the install needs it."""
     say(f"installing {' '.join(packages)} (apt-get, ~30 s)")
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+    wait = ["-o", "DPkg::Lock::Timeout=600"]  # another set-up step may be installing at the same time
+    install = ["apt-get", *wait, "install", "-y", "-qq", "--no-install-recommends", *packages]
     environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     if subprocess.run(install, env=environment, capture_output=True).returncode != 0:
-        run(["apt-get", "update", "-qq"], "apt-get update")
+        run(["apt-get", *wait, "update", "-qq"], "apt-get update")
         run(install, "apt-get install " + " ".join(packages))
 
 
