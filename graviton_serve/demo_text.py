@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import html
 import json
 import random
 import re
@@ -87,8 +88,9 @@ def minilm_dir() -> Path:
 
 
 def clean_tweet(text: str) -> str:
-    """A tweet as plain text: no links, @mentions, leading "RT", '#' signs or mis-decoded bytes."""
-    text = re.sub(r"https?://\S+", " ", text)
+    """A tweet as plain text: no links, @mentions, leading "RT", '#' signs, HTML escapes or
+    mis-decoded bytes."""
+    text = html.unescape(re.sub(r"\bhttps?\S*", " ", text))  # links, whole or cut short; &amp; and the like
     text = re.sub(r"^\s*RT\s+@\w+:?", " ", text)
     text = re.sub(r"@\w+", " ", text).replace("#", "")
     text = text.encode("ascii", "ignore").decode()  # the corpus's non-ASCII is mojibake
