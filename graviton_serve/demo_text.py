@@ -90,7 +90,8 @@ def minilm_dir() -> Path:
 def clean_tweet(text: str) -> str:
     """A tweet as plain text: no links, @mentions, leading "RT", '#' signs, HTML escapes or
     mis-decoded bytes."""
-    text = html.unescape(re.sub(r"\bhttps?\S*", " ", text))  # links, whole or cut short; &amp; and the like
+    text = re.sub(r"\S*https?\S*", " ", text).replace("\\n", " ")  # links, whole, cut short or glued on
+    text = html.unescape(html.unescape(text))  # &amp; and the corpus's twice-escaped &amp;amp;
     text = re.sub(r"^\s*RT\s+@\w+:?", " ", text)
     text = re.sub(r"@\w+", " ", text).replace("#", "")
     text = text.encode("ascii", "ignore").decode()  # the corpus's non-ASCII is mojibake
