@@ -50,13 +50,16 @@ def setup() -> None:
 
 
 def archive_label(archive: Path) -> str:
-    """' (UNTRAINED ...)' for an archive whose metadata says it was not trained."""
+    """' (UNTRAINED ...)' for an archive whose metadata says it was not trained, ' (WEAK demo: ...)'
+    for one whose metadata states its ``limitations``."""
     try:
         with zipfile.ZipFile(archive) as mar:
             metadata = json.loads(mar.read("metadata.json"))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return ""
-    return "" if metadata.get("trained", True) else " (UNTRAINED demo: random weights, answers are meaningless)"
+    if not metadata.get("trained", True):
+        return " (UNTRAINED demo: random weights, answers are meaningless)"
+    return f" (WEAK demo: {metadata['limitations']})" if metadata.get("limitations") else ""
 
 
 def usage_text(server: TorchServe) -> str:
