@@ -1,8 +1,13 @@
 """Debian roots made with debootstrap: this machine's architecture, or arm64 under qemu-user.
 
 Used for the container images' local base (graviton_serve.image) and the emulated arm64 root of
-the aarch64 tests (tests/tooling/aarch64_root). Needs root; Debian's ``debootstrap`` (and, for
-arm64 on another machine, ``qemu-user-static``) are installed with apt-get when missing.
+the aarch64 tests (tests/tooling/aarch64_root). Needs root; Debian's ``debootstrap`` is installed
+with apt-get when missing.
+
+qemu-user is version 10, from Debian's bookworm-backports (``qemu_aarch64``): bookworm's own 7.2
+dies with SIGSEGV at ``import torch`` for PyPI's aarch64 torch 2.13 and 2.14 (the project's pin),
+under every emulated CPU; 10.0 runs it, and knows Graviton3's core (``neoverse-v1``). It is
+fetched once into the cache without touching the machine's apt sources.
 
 An arm64 root on x86: ``debootstrap --foreign`` (download, verify, unpack), then its second stage
 inside the root under emulation, through a binfmt_misc entry registered only for that step (flag
@@ -19,13 +24,20 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
+from graviton_serve.paths import CACHE_DIR
 from graviton_serve.progress import say
 
 SUITE = "bookworm"  # Python 3.11, as the project requires
 MIRROR = "http://deb.debian.org/debian"
-QEMU = "qemu-aarch64-static"
+KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+QEMU_PACKAGE = ("qemu-user", "bookworm-backports")  # 10.0.x; its qemu-aarch64 is a static binary
+QEMU_DIR = CACHE_DIR / "qemu-user"
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
-QEMU_BINFMT_CONF = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")  # Debian's entry, shipped by qemu-user-static
+BINFMT_NAME = "graviton-serve-aarch64"  # our own entry: the newest matching entry wins, and ours is removed after
+# An ELF64 little-endian executable or shared object for machine 183 (AArch64), as Debian's qemu
+# entries match it (the mask ignores the ABI version and the ET_EXEC/ET_DYN bit).
+ELF_AARCH64_MAGIC = r"\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00"
+ELF_AARCH64_MASK = r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff"
 
 
 class DebianError(RuntimeError):
@@ -38,18 +50,63 @@ def machine_arch() -> str:
 
 
 def ensure_tools(arch: str) -> None:
-    """debootstrap, and qemu-user-static for a foreign arm64 root; apt-get installs what is missing."""
+    """debootstrap (apt-get installs it when missing), and qemu-user for a foreign arm64 root."""
     if os.geteuid() != 0:
         raise DebianError("making a Debian root needs root (debootstrap, chroot, binfmt_misc)")
-    tools = {"debootstrap": "debootstrap"}
+    if shutil.which("debootstrap") is None:
+        if shutil.which("apt-get") is None:
+            raise DebianError("debootstrap not found and no apt-get to install it")
+        apt_install(["debootstrap"])
     if arch != machine_arch():
-        tools[QEMU] = "qemu-user-static"
-    missing = [package for tool, package in tools.items() if shutil.which(tool) is None]
-    if not missing:
-        return
-    if shutil.which("apt-get") is None:
-        raise DebianError(f"{', '.join(missing)} not found and no apt-get to install them")
-    apt_install(missing)
+        qemu_aarch64()
+
+
+def qemu_aarch64(folder: Path = QEMU_DIR) -> Path:
+    """The static ``qemu-aarch64`` of Debian's ``qemu-user`` from bookworm-backports (10.0.x),
+    fetched once into ``folder``. ``apt-get download`` runs with a private APT configuration
+    (its own sources list, package lists and cache), so the machine's apt sources and state stay
+    as they are; the package is verified against Debian's archive key like any apt download.
+    Raises DebianError naming the step."""
+    binary = folder / "qemu-aarch64"
+    if binary.exists():
+        return binary
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise DebianError("qemu-user 10 comes from Debian's bookworm-backports: apt-get and dpkg-deb are needed to fetch it")
+    package, suite = QEMU_PACKAGE
+    say(f"qemu-user: fetching {package} from Debian {suite} into {folder} (apt-get download, private sources; ~63 MB, once)")
+    work = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    for sub in ("lists/partial", "cache/archives/partial", "download", "unpacked"):
+        (work / sub).mkdir(parents=True)
+    signed = f"[signed-by={KEYRING}] " if KEYRING.exists() else ""
+    (work / "sources.list").write_text(f"deb {signed}{MIRROR} {suite} main\n")
+    (work / "status").write_text("")
+    settings = {"Dir::Etc::SourceList": work / "sources.list", "Dir::Etc::SourceParts": work / "none",
+                "Dir::State::Lists": work / "lists", "Dir::State::status": work / "status", "Dir::Cache": work / "cache"}
+    if os.geteuid() == 0:
+        settings["APT::Sandbox::User"] = "root"  # the private folders are root's; apt's _apt user cannot write them
+    (work / "apt.conf").write_text("".join(f'{key} "{value}";\n' for key, value in settings.items()))
+    environment = {**os.environ, "APT_CONFIG": str(work / "apt.conf")}
+    run(["apt-get", "update", "-qq"], f"apt-get update ({suite} only)", env=environment)
+    run(["apt-get", "download", "-qq", f"{package}/{suite}"], f"apt-get download {package}/{suite}",
+        env=environment, cwd=work / "download")
+    deb = next((work / "download").glob(f"{package}_*.deb"))
+    run(["dpkg-deb", "-x", str(deb), str(work / "unpacked")], f"dpkg-deb -x {deb.name}")
+    version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True).stdout.strip()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shutil.copy2(work / "unpacked/usr/bin/qemu-aarch64", binary.with_suffix(".partial"))
+    (folder / "VERSION").write_text(f"{package} {version} from Debian {suite}\n")
+    binary.with_suffix(".partial").rename(binary)  # last: its presence means the fetch is complete
+    shutil.rmtree(work)
+    say(f"qemu-user: {qemu_version(binary)} at {binary}")
+    return binary
+
+
+def qemu_version(binary: Path) -> str:
+    """The first line ``qemu-aarch64 --version`` prints, e.g. "qemu-aarch64 version 10.0.2 (Debian ...)"."""
+    printed = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
+    return (printed.stdout.splitlines() or ["unknown"])[0].strip()
 
 
 def apt_install(packages: list[str]) -> None:
@@ -83,24 +140,26 @@ def debootstrap(target: Path, arch: str, include: str, log: Path, what: str) -> 
 
 @contextmanager
 def aarch64_binfmt():
-    """binfmt_misc mounted and qemu-aarch64 registered for the block; only what we added is undone."""
+    """binfmt_misc mounted and our qemu-aarch64 (``qemu_aarch64``) registered for the block, under
+    our own entry name: the kernel tries the newest entry first, so ours wins over a qemu the
+    machine may have registered. Only what we added is undone."""
+    qemu = qemu_aarch64()
     mounted = registered = False
+    entry = BINFMT_DIR / BINFMT_NAME
     try:
         if not (BINFMT_DIR / "register").exists():
             run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)], "mount binfmt_misc")
             mounted = True
-        entry = BINFMT_DIR / "qemu-aarch64"
-        if not entry.exists():
-            if not QEMU_BINFMT_CONF.exists():
-                raise DebianError(f"{QEMU_BINFMT_CONF} not found: it comes with Debian's qemu-user-static")
-            (BINFMT_DIR / "register").write_text(QEMU_BINFMT_CONF.read_text().strip())
-            registered = True
+        if entry.exists():  # left by a run that was killed: replace it
+            entry.write_text("-1")
+        (BINFMT_DIR / "register").write_text(f":{BINFMT_NAME}:M::{ELF_AARCH64_MAGIC}:{ELF_AARCH64_MASK}:{qemu}:F")
+        registered = True
         yield
     except PermissionError as error:
         raise DebianError(f"cannot register qemu-aarch64 with binfmt_misc ({error}); a container needs --privileged") from None
     finally:
-        if registered:
-            (BINFMT_DIR / "qemu-aarch64").write_text("-1")
+        if registered and entry.exists():
+            entry.write_text("-1")
         if mounted:
             subprocess.run(["umount", str(BINFMT_DIR)])
 
@@ -117,15 +176,16 @@ def unmount_below(folder: Path):
             subprocess.run(["umount", "-l", point])
 
 
-def run(command: list[str], what: str, log: Path | None = None) -> None:
-    """Runs ``command``; its output goes to ``log`` (appended) when given. DebianError on failure."""
+def run(command: list[str], what: str, log: Path | None = None, **options) -> None:
+    """Runs ``command`` (``options`` go to subprocess.run: env, cwd); its output goes to ``log``
+    (appended) when given. DebianError on failure."""
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as log_file:
-            result = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT)
+            result = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, **options)
         detail = f"log {log}"
     else:
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, **options)
         detail = (result.stderr or result.stdout).strip()[-500:]
     if result.returncode != 0:
         raise DebianError(f"{what} failed ({result.returncode}): {detail}")

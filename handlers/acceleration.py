@@ -16,15 +16,64 @@ log = logging.getLogger(__name__)
 
 GUARD_AGREEMENT = 0.99  # reduced-precision top-1 must match fp32 on at least this share of check outputs
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# oneDNN fast math through torch's switches (torch >= 2.9, torch.backends.mkldnn.<op>.fp32_precision):
+# fp32 matmuls (nn.Linear, matmul, bmm, attention's products) and convolutions computed by oneDNN
+# with bf16 inputs and fp32 accumulation (ACL's bf16 kernels on Arm); the model stays fp32.
+FAST_MATH_OPS = ("matmul", "conv")
+FAST_MATH_SWITCHES = "switches"  # Tuning.fast_math: torch's per-op switches, on during each forward
+FAST_MATH_ENVIRONMENT = "environment"  # Tuning.fast_math: DNNL_DEFAULT_FPMATH_MODE, for the whole process
 
 
-def precision_mode(precision: str, device: torch.device, fast_math: bool):
-    """The context a forward runs in for ``precision``."""
-    if fast_math:
-        # oneDNN runs this whole process's fp32 GEMMs and convolutions in bf16 (set at launch;
-        # it cannot change once torch has started): bf16 is the default path, and fp32 means
-        # keeping oneDNN out (exact fp32, slower convolutions).
-        return contextlib.nullcontext() if precision == "bf16" else torch.backends.mkldnn.flags(enabled=False)
+def has_fast_math_switches() -> bool:
+    """torch has the per-op precision switches (2.9 on); older releases have only the variable."""
+    return all(hasattr(getattr(torch.backends.mkldnn, op, None), "fp32_precision") for op in FAST_MATH_OPS)
+
+
+@contextlib.contextmanager
+def mkldnn_bf16():
+    """For the block: oneDNN computes fp32 matmuls and convolutions in bf16; restored after.
+    The switches are read by every operation, so this works at any time in the process (shown
+    under emulation by tests/test_aarch64.py), unlike DNNL_DEFAULT_FPMATH_MODE."""
+    switches = [getattr(torch.backends.mkldnn, op) for op in FAST_MATH_OPS]
+    saved = [switch.fp32_precision for switch in switches]
+    try:
+        for switch in switches:
+            switch.fp32_precision = "bf16"
+        yield
+    finally:
+        for switch, value in zip(switches, saved):
+            switch.fp32_precision = value
+
+
+@contextlib.contextmanager
+def without_onednn():
+    """For the block: torch keeps oneDNN out (its own or the BLAS kernels run); restored after.
+    (torch.backends.mkldnn.flags would also touch the legacy TF32 switch.)"""
+    saved = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = saved
+
+
+def fast_math_read_back() -> str:
+    """What torch reports inside ``mkldnn_bf16``, e.g. "matmul=bf16 conv=bf16" (for the tuning line)."""
+    with mkldnn_bf16():
+        return " ".join(f"{op}={getattr(torch.backends.mkldnn, op).fp32_precision}" for op in FAST_MATH_OPS)
+
+
+def precision_mode(precision: str, device: torch.device, fast_math: str = "", fpmath_env: bool = False):
+    """The context a forward runs in for ``precision``. ``fast_math``: how bf16 runs on this CPU
+    (FAST_MATH_SWITCHES, FAST_MATH_ENVIRONMENT, or "" for autocast); ``fpmath_env``: the operator
+    set oneDNN's default math to bf16 for the whole process."""
+    if precision == "fp32":
+        # Exact fp32. Under a process-wide bf16 default that means keeping oneDNN out (slower convolutions).
+        return without_onednn() if fpmath_env else contextlib.nullcontext()
+    if precision == "bf16" and fast_math == FAST_MATH_SWITCHES:
+        return mkldnn_bf16()
+    if precision == "bf16" and fast_math == FAST_MATH_ENVIRONMENT:
+        return contextlib.nullcontext()
     dtype = AUTOCAST_DTYPES.get(precision)
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 

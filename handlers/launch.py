@@ -12,12 +12,12 @@ LAUNCH_ENV = {"LRU_CACHE_CAPACITY": "1024"}
 # aarch64: on the x86 machine we measured (AMD EPYC, 2 CPUs) it made ResNet50 slower, batch 1
 # 138/123 ms -> 157/167 ms and batch 8 795/817 ms -> 824/864 ms (two runs each).
 AARCH64_LAUNCH_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
-# oneDNN fast math: fp32 GEMMs and convolutions computed in bf16 (ACL's bf16 kernels), on an Arm
-# CPU with bf16 (Graviton3 on). oneDNN reads it once, when torch loads: set after `import torch`,
-# even before the first operation, it has no effect (tests/test_aarch64.py shows both). So it is
-# the launch path's to set, not the worker's.
+# oneDNN's default math mode for the whole process, read once when torch loads (set later, it has
+# no effect). AWS's Graviton images set it to BF16. We do not: the worker turns fast math on per
+# model through torch's own switches (handlers.acceleration), which also reach what this variable
+# cannot (on torch 2.14.1 aarch64, a 2-D nn.Linear runs in NVPL's BLAS, outside oneDNN). Where an
+# operator sets it, the worker reports it and keeps oneDNN out of models that must stay fp32.
 FAST_MATH_VAR = "DNNL_DEFAULT_FPMATH_MODE"
-FAST_MATH_BF16 = {FAST_MATH_VAR: "BF16"}
 CORE_LOCK_DIR_VAR = "GS_CORE_LOCK_DIR"  # one folder per server: its workers' core claims
 BUSY_DIR_VAR = "GS_BUSY_DIR"  # one folder per server: a file per worker while it handles a batch (for draining)
 
@@ -26,7 +26,7 @@ def launch_settings(features: CpuFeatures | None = None) -> dict[str, str]:
     features = features or CpuFeatures.detect()
     if not features.is_arm:
         return dict(LAUNCH_ENV)
-    return {**LAUNCH_ENV, **AARCH64_LAUNCH_ENV, **(FAST_MATH_BF16 if features.bf16 else {})}
+    return {**LAUNCH_ENV, **AARCH64_LAUNCH_ENV}
 
 
 def launch_environment(environ: dict[str, str], core_lock_dir: str, busy_dir: str = "",

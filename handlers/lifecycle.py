@@ -185,7 +185,8 @@ class Worker:
 
     def _run(self, runner: torch.nn.Module, items: list, precision: str) -> list:
         batch = acceleration.to_device(self.handler.collate(items), self.device)
-        with torch.inference_mode(), acceleration.precision_mode(precision, self.device, self.tuning.fast_math):
+        with torch.inference_mode(), acceleration.precision_mode(
+                precision, self.device, self.tuning.fast_math, self.tuning.fpmath_env):
             rows = self.handler.postprocess(self.handler.forward(runner, batch), batch)
         if len(rows) != len(items):
             raise RuntimeError(f"{type(self.handler).__name__}.postprocess returned {len(rows)} outputs for {len(items)} items")

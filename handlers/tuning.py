@@ -11,12 +11,14 @@ Decides, from what the kernel reports rather than from guesses:
   model's worker count; OMP_NUM_THREADS overrides. Inter-op threads: 1;
 - precision: on the CPU, bf16 only where it is native (x86 ``avx512_bf16``/``amx_bf16`` flags in
   /proc/cpuinfo; aarch64 HWCAP2_BF16 from getauxval, since under qemu-user /proc/cpuinfo shows
-  the host). How: on Arm, oneDNN fast math when the launch path turned it on
-  (DNNL_DEFAULT_FPMATH_MODE=BF16: the model stays fp32, GEMMs and convolutions run in bf16),
-  else autocast. On CUDA, fp16 before compute capability 8.0 (T4G on G5g is 7.5), bf16 from 8.0.
-  Either way the core then checks that the model's own check inputs keep their top-1;
+  the host). How: on Arm, oneDNN fast math through torch's per-op switches, on during each
+  forward of this model only (the model stays fp32; matmuls and convolutions run in bf16 on
+  ACL), read back from torch for the log line; on a torch without the switches (before 2.9),
+  DNNL_DEFAULT_FPMATH_MODE if the operator set it; else autocast. On CUDA, fp16 before compute
+  capability 8.0 (T4G on G5g is 7.5), bf16 from 8.0. Either way the core then checks that the
+  model's own check inputs keep their top-1;
 - launch settings that must be in place before torch starts (the allocator, oneDNN's primitive
-  cache and fast math) are set by the launch path; the worker reports what it found.
+  cache) are set by the launch path; the worker reports what it found.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from handlers import acceleration
 from handlers.cpu_features import CpuFeatures, read_text
 from handlers.launch import CORE_LOCK_DIR_VAR, FAST_MATH_VAR, launch_settings
 
@@ -148,19 +151,38 @@ def cuda_capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
-def fast_math_on(device: torch.device, features: CpuFeatures, environ: dict[str, str] | None = None) -> bool:
-    """oneDNN fast math is in force in this process: an Arm CPU with bf16, and the launch path
-    set DNNL_DEFAULT_FPMATH_MODE before torch started (oneDNN reads it only then)."""
+def fpmath_env_on(environ: dict[str, str] | None = None) -> bool:
+    """The operator made bf16 oneDNN's default math for this whole process (DNNL_DEFAULT_FPMATH_MODE
+    BF16 or ANY, read by oneDNN when torch started)."""
     environ = os.environ if environ is None else environ
-    return (device.type == "cpu" and features.is_arm and features.bf16
-            and environ.get(FAST_MATH_VAR, "").upper() in ("BF16", "ANY"))
+    return environ.get(FAST_MATH_VAR, "").upper() in ("BF16", "ANY")
+
+
+def fast_math_mode(device: torch.device, features: CpuFeatures, environ: dict[str, str] | None = None,
+                   switches: bool | None = None) -> tuple[str, str]:
+    """How a bf16 forward runs here, and the words for the log line: oneDNN fast math on an Arm
+    CPU with bf16, by torch's switches where torch has them (read back from torch, not assumed),
+    else by DNNL_DEFAULT_FPMATH_MODE where the operator set it; "" (autocast) otherwise."""
+    if device.type != "cpu" or not (features.is_arm and features.bf16):
+        return "", "autocast"
+    if acceleration.has_fast_math_switches() if switches is None else switches:
+        read_back = acceleration.fast_math_read_back()
+        if all(part.endswith("=bf16") for part in read_back.split()):
+            return acceleration.FAST_MATH_SWITCHES, f"oneDNN fast math (torch.backends.mkldnn {read_back} in each forward, read back)"
+        return "", f"autocast (torch's fast-math switches read back {read_back})"
+    if fpmath_env_on(environ):
+        return acceleration.FAST_MATH_ENVIRONMENT, f"oneDNN fast math ({FAST_MATH_VAR} set at launch)"
+    return "", "autocast"
 
 
 def decide_precision(requested: str, device: torch.device, features: CpuFeatures,
-                     capability: tuple[int, int] | None = None, fast_math: bool = False) -> tuple[str, str]:
-    """fp32, bf16 or fp16, and why. Reduced precision still has to pass the core's accuracy guard."""
+                     capability: tuple[int, int] | None = None, how: str = "autocast",
+                     fpmath_env: bool = False) -> tuple[str, str]:
+    """fp32, bf16 or fp16, and why; ``how`` a CPU runs bf16 (fast_math_mode's words). Reduced
+    precision still has to pass the core's accuracy guard."""
     if requested == "fp32":
-        return "fp32", "model-config asks for fp32" + (" (oneDNN kept out: fast math is on in this process)" if fast_math else "")
+        return "fp32", "model-config asks for fp32" + (f" (oneDNN kept out: {FAST_MATH_VAR} makes bf16 its default in this process)"
+                                                       if fpmath_env and device.type == "cpu" else "")
     if device.type == "cuda":
         native = "bf16" if capability and capability >= (8, 0) else "fp16"
         where = f"CUDA compute capability {capability[0]}.{capability[1]}" if capability else "CUDA"
@@ -171,7 +193,6 @@ def decide_precision(requested: str, device: torch.device, features: CpuFeatures
         return requested, f"model-config asks for {requested}"
     if requested == "fp16":
         return "fp32", "fp16 is for CUDA; the CPU runs fp32"
-    how = f"oneDNN fast math ({FAST_MATH_VAR} set at launch)" if fast_math else "autocast"
     if requested == "bf16":
         return "bf16", f"model-config asks for bf16, by {how}" + ("" if features.bf16 else f" (no native bf16: {features.evidence})")
     if features.bf16:
@@ -182,7 +203,7 @@ def decide_precision(requested: str, device: torch.device, features: CpuFeatures
 def launch_env_report(environ: dict[str, str] | None = None, features: CpuFeatures | None = None) -> str:
     environ = os.environ if environ is None else environ
     expected = launch_settings(features)
-    # Also what an operator may set beyond ours (THP on x86, oneDNN's fast math): reported, not required.
+    # Also what an operator may set beyond ours (THP on x86, oneDNN's default math): reported, not required.
     reported = dict.fromkeys((*expected, "THP_MEM_ALLOC_ENABLE", FAST_MATH_VAR))
     found = [f"{key}={environ[key]}" for key in reported if key in environ]
     missing = [key for key in expected if key not in environ]
@@ -194,7 +215,8 @@ class Tuning:
     threads: int
     precision: str
     claim: CoreClaim | None  # held for the worker's lifetime: its locks are its cores
-    fast_math: bool  # oneDNN computes fp32 GEMMs/convolutions in bf16 in this whole process
+    fast_math: str  # how bf16 runs on this CPU: acceleration.FAST_MATH_SWITCHES / _ENVIRONMENT, "" (autocast)
+    fpmath_env: bool  # the operator made bf16 oneDNN's default for the whole process
 
 
 def configure(model_name: str, device: torch.device, requested_precision: str, cores_wanted: int = 0,
@@ -222,9 +244,11 @@ def configure(model_name: str, device: torch.device, requested_precision: str, c
     except RuntimeError:  # the inter-op pool already started: too late to size it
         interop = f"inter-op {torch.get_num_interop_threads()} (already started)"
     features = CpuFeatures.detect()
-    fast_math = fast_math_on(device, features)
-    precision, precision_reason = decide_precision(requested_precision, device, features, cuda_capability(device), fast_math)
+    fast_math, how = fast_math_mode(device, features)
+    fpmath_env = fpmath_env_on()
+    precision, precision_reason = decide_precision(requested_precision, device, features, cuda_capability(device),
+                                                   how, fpmath_env)
     reason = (f"threads={threads} {interop} ({thread_reason}); precision={precision} ({precision_reason}); "
               f"{launch_env_report(features=features)}")
     log.info("%s: tuning: device=%s %s", model_name, device, reason)
-    return Tuning(threads, precision, claim, fast_math)
+    return Tuning(threads, precision, claim, fast_math, fpmath_env)

@@ -8,8 +8,9 @@ import torch
 from handlers.settings import CORE_SETTINGS, read_settings
 from handlers.cpu_features import HWCAP2_BF16, CpuFeatures
 from handlers.launch import launch_environment
-from handlers.tuning import (CoreClaim, cgroup_cpu_limit, decide_precision, decide_threads, fast_math_on,
-                             launch_env_report, usable_cpus)
+from handlers import acceleration
+from handlers.tuning import (CoreClaim, cgroup_cpu_limit, decide_precision, decide_threads, fast_math_mode,
+                             fpmath_env_on, launch_env_report, usable_cpus)
 from tests.conftest import TESTS
 from tests.inprocess import load_model_dir, load_service, predict, request
 
@@ -100,13 +101,14 @@ def test_launch_env_is_reported_not_guessed():
     assert "not set: THP_MEM_ALLOC_ENABLE" in launch_env_report({"LRU_CACHE_CAPACITY": "1024"}, features=GRAVITON2)
     assert launch_env_report({"LRU_CACHE_CAPACITY": "1024"}, features=EPYC) == "launch env LRU_CACHE_CAPACITY=1024"
     assert "not set: LRU_CACHE_CAPACITY" in launch_env_report({}, features=EPYC)
-    assert "not set: LRU_CACHE_CAPACITY, THP_MEM_ALLOC_ENABLE, DNNL_DEFAULT_FPMATH_MODE" in launch_env_report({}, features=GRAVITON3)
+    assert launch_env_report({}, features=GRAVITON3).endswith("(not set: LRU_CACHE_CAPACITY, THP_MEM_ALLOC_ENABLE)")
+    assert "DNNL_DEFAULT_FPMATH_MODE=BF16" in launch_env_report({"DNNL_DEFAULT_FPMATH_MODE": "BF16"}, features=GRAVITON3)
 
 
-def test_launch_path_sets_huge_pages_on_aarch64_fast_math_where_bf16_and_the_operator_wins():
+def test_launch_path_sets_huge_pages_on_aarch64_leaves_onednn_default_math_alone_and_the_operator_wins():
     graviton3 = launch_environment({}, "/locks", features=GRAVITON3)
     assert graviton3["THP_MEM_ALLOC_ENABLE"] == "1" and graviton3["LRU_CACHE_CAPACITY"] == "1024"
-    assert graviton3["DNNL_DEFAULT_FPMATH_MODE"] == "BF16"
+    assert "DNNL_DEFAULT_FPMATH_MODE" not in graviton3  # fast math is the worker's, per model
     graviton2 = launch_environment({}, "/locks", features=GRAVITON2)
     assert graviton2["THP_MEM_ALLOC_ENABLE"] == "1" and "DNNL_DEFAULT_FPMATH_MODE" not in graviton2
     x86 = launch_environment({}, "/locks", features=ZEN4_FEATURES)
@@ -115,18 +117,44 @@ def test_launch_path_sets_huge_pages_on_aarch64_fast_math_where_bf16_and_the_ope
     assert launch_environment({"DNNL_DEFAULT_FPMATH_MODE": "STRICT"}, "/locks", features=GRAVITON3)["DNNL_DEFAULT_FPMATH_MODE"] == "STRICT"
 
 
-def test_fast_math_counts_only_on_arm_with_bf16_and_the_variable_set():
+def test_fast_math_is_torchs_switches_on_arm_with_bf16_read_back_else_the_operators_variable_else_autocast():
     on = {"DNNL_DEFAULT_FPMATH_MODE": "BF16"}
-    assert fast_math_on(CPU, GRAVITON3, on)
-    assert not fast_math_on(CPU, GRAVITON3, {})
-    assert not fast_math_on(CPU, GRAVITON3, {"DNNL_DEFAULT_FPMATH_MODE": "STRICT"})
-    assert not fast_math_on(CPU, GRAVITON2, on)
-    assert not fast_math_on(CPU, ZEN4_FEATURES, on)  # x86 Linear is MKL's: autocast there
-    assert not fast_math_on(torch.device("cuda"), GRAVITON3, on)
-    precision, why = decide_precision("auto", CPU, GRAVITON3, fast_math=True)
-    assert precision == "bf16" and "oneDNN fast math" in why
-    assert "autocast" in decide_precision("auto", CPU, GRAVITON3)[1]
-    assert "oneDNN kept out" in decide_precision("fp32", CPU, GRAVITON3, fast_math=True)[1]
+    mode, how = fast_math_mode(CPU, GRAVITON3, {}, switches=True)
+    assert mode == acceleration.FAST_MATH_SWITCHES
+    assert how == "oneDNN fast math (torch.backends.mkldnn matmul=bf16 conv=bf16 in each forward, read back)"
+    assert fast_math_mode(CPU, GRAVITON3, on, switches=False) == (acceleration.FAST_MATH_ENVIRONMENT,
+                                                                  "oneDNN fast math (DNNL_DEFAULT_FPMATH_MODE set at launch)")
+    assert fast_math_mode(CPU, GRAVITON3, {}, switches=False) == ("", "autocast")
+    for features in (GRAVITON2, ZEN4_FEATURES, EPYC):  # x86 bf16 is autocast's
+        assert fast_math_mode(CPU, features, on, switches=True) == ("", "autocast")
+    assert fast_math_mode(torch.device("cuda"), GRAVITON3, on, switches=True) == ("", "autocast")
+    assert fpmath_env_on(on) and fpmath_env_on({"DNNL_DEFAULT_FPMATH_MODE": "any"})
+    assert not fpmath_env_on({}) and not fpmath_env_on({"DNNL_DEFAULT_FPMATH_MODE": "STRICT"})
+    precision, why = decide_precision("auto", CPU, GRAVITON3, how=how)
+    assert precision == "bf16" and why == f"native bf16 (HWCAP2_BF16 set), by {how}"
+    assert decide_precision("fp32", CPU, GRAVITON3, how=how) == ("fp32", "model-config asks for fp32")
+    assert "oneDNN kept out" in decide_precision("fp32", CPU, GRAVITON3, fpmath_env=True)[1]
+
+
+def test_fast_math_switches_are_on_only_inside_a_bf16_forward_and_fp32_stays_exact():
+    def switches() -> tuple[str, str]:
+        return torch.backends.mkldnn.matmul.fp32_precision, torch.backends.mkldnn.conv.fp32_precision
+
+    before = switches()
+    assert "bf16" not in before
+    with acceleration.precision_mode("bf16", CPU, acceleration.FAST_MATH_SWITCHES):
+        assert switches() == ("bf16", "bf16") and not torch.is_autocast_enabled("cpu")
+    assert switches() == before
+    with acceleration.precision_mode("fp32", CPU, acceleration.FAST_MATH_SWITCHES):
+        assert switches() == before and torch.backends.mkldnn.enabled
+    with acceleration.precision_mode("fp32", CPU, acceleration.FAST_MATH_SWITCHES, fpmath_env=True):
+        assert not torch.backends.mkldnn.enabled  # the process-wide bf16 default would reach oneDNN
+    with acceleration.precision_mode("bf16", CPU, ""):
+        assert torch.is_autocast_enabled("cpu") and switches() == before
+    with pytest.raises(RuntimeError):
+        with acceleration.precision_mode("bf16", CPU, acceleration.FAST_MATH_SWITCHES):
+            raise RuntimeError("a failed forward")
+    assert switches() == before
 
 
 def test_cgroup_quota_v2_and_v1(tmp_path):

@@ -3,20 +3,21 @@ aarch64 code path (oneDNN + ACL, Graviton's CPU features) runs on this x86 machi
 qemu-user. Speeds there mean nothing; the path taken and the numbers produced do.
 
 Made once and cached (``.cache/aarch64-root``), as root:
-1. Debian's ``qemu-user-static`` and ``debootstrap`` (apt-get, when missing);
+1. qemu-user 10 from Debian bookworm-backports (graviton_serve.debian.qemu_aarch64; fetched into
+   the cache, the machine's apt sources untouched) and Debian's ``debootstrap``;
 2. a Debian arm64 root with Python 3.11 (graviton_serve.debian: ``debootstrap --foreign``, then the
    second stage under emulation through a binfmt_misc entry registered for that step only);
 3. the Python packages, resolved and installed for aarch64 by ``uv`` on the host: pip cannot
-   evaluate another machine's markers (torch 2.10's CUDA wheels are marked x86_64), and pip under
-   emulation took 4 minutes. Same versions as this venv, except torch and torchvision: the
-   project's pin when its aarch64 wheel installs and imports under emulation, else the nearest
-   release that does (see FAILS_UNDER_EMULATION).
+   evaluate another machine's markers, and pip under emulation took 4 minutes. The project's
+   own pins (torch 2.14.1 and torchvision 0.29.1: PyPI's aarch64 torch, a CUDA 13 build with the
+   nvidia-* wheels, 5.8 GB, as a user on Graviton gets it) and this venv's versions of the rest.
+   ``import torch`` is then checked under emulation; there is no fallback to another torch.
 
-Running: ``qemu-aarch64-static -L <root> <root>/usr/bin/python3`` is one process with no chroot
-and no mounts: every file outside the root (the checkout, /proc, /sys, /tmp) is the host's.
+Running: ``qemu-aarch64 -L <root> <root>/usr/bin/python3`` is one process with no chroot and no
+mounts: every file outside the root (the checkout, /proc, /sys, /tmp) is the host's.
 
 Test tooling, not shipped (tests/ stays out of the images). Built by scripts/aarch64-root, and by
-scripts/test beside the demo store; from the checkout's root:
+scripts/test after the demo store; from the checkout's root:
 
     python -m tests.tooling.aarch64_root [--optional]   # --optional: without root, say so and exit 0
 """
@@ -35,29 +36,17 @@ from importlib import metadata
 from pathlib import Path
 
 from graviton_serve import debian
-from graviton_serve.debian import QEMU
 from graviton_serve.paths import CACHE_DIR
 from graviton_serve.progress import say
 
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"  # on Debian's sys.path, outside dpkg's files
-# torchvision releases built against each torch release.
-TORCHVISION_FOR = {"2.14.1": "0.29.1", "2.13.0": "0.28.0", "2.10.0": "0.25.0"}
-# Tried here (2026-11-29, qemu-user 7.2 from Debian bookworm): from 2.11 on, PyPI's aarch64 torch
-# is a CUDA build (nvidia-*-cu13 wheels; 5.8 GB installed). 2.14.1 (the pin) and 2.13.0 install,
-# but `import torch` dies with SIGSEGV under emulation, as Graviton2, Graviton3 or "max" alike.
-# Whether they run on a real Graviton was not tried here. 2.10.0, the newest aarch64 CPU build
-# (oneDNN + ACL), runs: it is the nearest release that does.
-FAILS_UNDER_EMULATION = {
-    "2.14.1": "PyPI's aarch64 wheel (a CUDA 13 build) installs, but `import torch` dies with SIGSEGV under qemu-user",
-    "2.13.0": "PyPI's aarch64 wheel (a CUDA 13 build) installs, but `import torch` dies with SIGSEGV under qemu-user",
-}
-NEAREST_AARCH64_TORCH = "2.10.0"
+PINNED = ("torch", "torchvision")  # the project's own pins
 # What the handlers import, pinned to this venv's versions so the two sides differ only in ISA.
 SAME_AS_HOST = ("transformers", "tokenizers", "safetensors", "numpy", "pillow", "pyyaml", "torchserve")
 
-# Emulated CPUs. Graviton3 (Neoverse V1): SVE at 256 bits with bf16. Plain "max" has 512-bit SVE,
-# where oneDNN picks its own sve_512 kernels and ignores fast math. Graviton2: Neoverse N1, no bf16.
-GRAVITON3 = "max,sve-default-vector-length=32"
+# Emulated CPUs, as qemu 10 names their cores. Graviton3 is Neoverse V1: SVE at 256 bits, with
+# bf16 (HWCAP2_BF16). Graviton2 is Neoverse N1: no SVE, no bf16.
+GRAVITON3 = "neoverse-v1"
 GRAVITON2 = "neoverse-n1"
 
 
@@ -75,9 +64,10 @@ class Aarch64Python:
 
     root: Path
     torch: str
+    qemu: Path
 
     def command(self, *args: str) -> list[str]:
-        return [QEMU, "-L", str(self.root), str(self.root / "usr/bin/python3"), *args]
+        return [str(self.qemu), "-L", str(self.root), str(self.root / "usr/bin/python3"), *args]
 
     def environment(self, cpu: str, extra: dict[str, str] | None = None) -> dict[str, str]:
         # Only what a worker would have; nothing of this venv (its PYTHONPATH, VIRTUAL_ENV) leaks in.
@@ -93,10 +83,13 @@ def ready_python(cache_dir: Path = CACHE_DIR) -> Aarch64Python | None:
     """The root's Python if it was built and its packages match what is asked now, else None."""
     root = root_dir(cache_dir)
     stamp = _read_stamp(root)
-    # Rebuilt when the project's pin moves (the new one is tried) or this venv's versions change.
-    if stamp is None or stamp.get("pin") != _project_pin("torch") or stamp.get("packages") != _package_recipe(stamp.get("torch", "")):
+    # Packages reinstalled when a pin or this venv's versions change; the import checked again
+    # when qemu changes.
+    qemu = debian.QEMU_DIR / "qemu-aarch64"
+    if stamp is None or stamp.get("packages") != _package_recipe() or not qemu.exists() \
+            or stamp.get("qemu") != debian.qemu_version(qemu):
         return None
-    return Aarch64Python(root, stamp["torch"])
+    return Aarch64Python(root, stamp["torch"], qemu)
 
 
 def ensure_root(cache_dir: Path = CACHE_DIR) -> Aarch64Python:
@@ -107,10 +100,13 @@ def ensure_root(cache_dir: Path = CACHE_DIR) -> Aarch64Python:
         return ready
     root = root_dir(cache_dir)
     _require_root_user()
+    try:
+        qemu = debian.qemu_aarch64()
+    except debian.DebianError as error:
+        raise RootError(str(error)) from None
     if not (root / "usr/bin/python3").exists():
         _build_debian_root(root)
-    torch_version = _install_packages(root)
-    return Aarch64Python(root, torch_version)
+    return _install_packages(root, qemu)
 
 
 def _require_root_user() -> None:
@@ -131,37 +127,32 @@ def _build_debian_root(root: Path) -> None:
     say(f"aarch64 root: Debian {debian.SUITE} arm64 with Python 3.11 at {root}")
 
 
-def _install_packages(root: Path) -> str:
-    """Install into the root's site-packages: torch at the project's pin if it installs and
-    imports under emulation, else the nearest release that does (said in the output)."""
-    pin = _project_pin("torch")
-    site = root / SITE_PACKAGES
-    refused: list[str] = []
-    for torch_version in dict.fromkeys((pin, NEAREST_AARCH64_TORCH)):
-        if torch_version in FAILS_UNDER_EMULATION:
-            refused.append(f"torch {torch_version}: {FAILS_UNDER_EMULATION[torch_version]} (measured; not tried again)")
-            continue
-        say(f"aarch64 root: installing torch {torch_version} and the handlers' packages for aarch64 (uv, on the host)")
+def _install_packages(root: Path, qemu: Path) -> Aarch64Python:
+    """Install the recipe into the root's site-packages (unless the stamp says it is there), then
+    check that ``import torch`` works under emulation. RootError says which step failed."""
+    recipe, site = _package_recipe(), root / SITE_PACKAGES
+    stamp = _read_stamp(root)
+    if stamp is None or stamp.get("packages") != recipe:
+        say(f"aarch64 root: installing {', '.join(recipe[:2])} and the handlers' packages for aarch64 "
+            "(uv, on the host; ~3 GB of wheels the first time)")
         shutil.rmtree(site, ignore_errors=True)
-        installed = subprocess.run(_uv_install(site, _package_recipe(torch_version)), capture_output=True, text=True,
+        _stamp_path(root).unlink(missing_ok=True)
+        installed = subprocess.run(_uv_install(site, recipe), capture_output=True, text=True,
                                    env={**os.environ, "UV_NATIVE_TLS": "1"})
         if installed.returncode != 0:
-            refused.append(f"torch {torch_version} does not install for aarch64: {_last_line(installed.stderr)}")
-            continue
-        say("aarch64 root: checking that `import torch` works under emulation (~20 s)")
-        python = Aarch64Python(root, torch_version)
-        imported = subprocess.run(python.command("-c", "import torch, torchvision, transformers"), capture_output=True,
-                                  text=True, env=python.environment(GRAVITON2), timeout=600)
-        if imported.returncode != 0:
-            refused.append(f"torch {torch_version}: `import torch` fails under emulation (exit {imported.returncode}: "
-                           f"{_last_line(imported.stderr)})")
-            continue
-        for reason in refused:
-            say(f"aarch64 root: not the project's pin: {reason}")
-        _write_stamp(root, torch_version)
-        say(f"aarch64 root: ready (torch {torch_version}, torchvision {TORCHVISION_FOR[torch_version]})")
-        return torch_version
-    raise RootError("no torch release works in the aarch64 root: " + "; ".join(refused))
+            raise RootError(f"the project's pins do not install for aarch64: {_last_line(installed.stderr)}")
+    version = debian.qemu_version(qemu)
+    torch_version = recipe[0].partition("==")[2]
+    say(f"aarch64 root: checking `import torch` under emulation ({version}; ~60 s)")
+    python = Aarch64Python(root, torch_version, qemu)
+    imported = subprocess.run(python.command("-c", "import torch, torchvision, transformers; print(torch.__version__)"),
+                              capture_output=True, text=True, env=python.environment(GRAVITON2), timeout=600)
+    if imported.returncode != 0:
+        raise RootError(f"`import torch` {torch_version} fails under {version} (exit {imported.returncode}: "
+                        f"{_last_line(imported.stderr)})")
+    _write_stamp(root, {"torch": imported.stdout.strip(), "packages": recipe, "qemu": version})
+    say(f"aarch64 root: ready (torch {imported.stdout.strip()}, {recipe[1]}; {version})")
+    return python
 
 
 def _uv_install(site: Path, requirements: list[str]) -> list[str]:
@@ -172,11 +163,10 @@ def _uv_install(site: Path, requirements: list[str]) -> list[str]:
             "--python-version", "3.11", "--only-binary", ":all:", "--compile-bytecode", *requirements]
 
 
-def _package_recipe(torch_version: str) -> list[str]:
-    if torch_version not in TORCHVISION_FOR:
-        return []
-    host = [f"{name}=={metadata.version(name)}" for name in SAME_AS_HOST]
-    return [f"torch=={torch_version}", f"torchvision=={TORCHVISION_FOR[torch_version]}", *host]
+def _package_recipe() -> list[str]:
+    """torch and torchvision at the project's pins, then the handlers' packages at this venv's versions."""
+    return [f"{name}=={_project_pin(name)}" for name in PINNED] + \
+        [f"{name}=={metadata.version(name)}" for name in SAME_AS_HOST]
 
 
 def _project_pin(package: str) -> str:
@@ -198,8 +188,7 @@ def _read_stamp(root: Path) -> dict | None:
         return None
 
 
-def _write_stamp(root: Path, torch_version: str) -> None:
-    stamp = {"pin": _project_pin("torch"), "torch": torch_version, "packages": _package_recipe(torch_version)}
+def _write_stamp(root: Path, stamp: dict) -> None:
     _stamp_path(root).write_text(json.dumps(stamp))
 
 
