@@ -245,10 +245,12 @@ def configure(model_name: str, device: torch.device, requested_precision: str, c
         interop = f"inter-op {torch.get_num_interop_threads()} (already started)"
     features = CpuFeatures.detect()
     fast_math, how = fast_math_mode(device, features)
-    fpmath_env = fpmath_env_on()
+    # The variable changes oneDNN's math only where bf16 is native; elsewhere oneDNN stays fp32 anyway.
+    fpmath_env = fpmath_env_on() and device.type == "cpu" and features.bf16
     precision, precision_reason = decide_precision(requested_precision, device, features, cuda_capability(device),
                                                    how, fpmath_env)
-    reason = (f"threads={threads} {interop} ({thread_reason}); precision={precision} ({precision_reason}); "
+    verdict = "" if precision == "fp32" else ", if the accuracy guard passes (next line)"
+    reason = (f"threads={threads} {interop} ({thread_reason}); precision={precision} ({precision_reason}){verdict}; "
               f"{launch_env_report(features=features)}")
     log.info("%s: tuning: device=%s %s", model_name, device, reason)
     return Tuning(threads, precision, claim, fast_math, fpmath_env)

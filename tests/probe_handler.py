@@ -53,7 +53,8 @@ handle = TorchServeHandler(ProbeHandler)
 
 
 class Bf16SensitiveProbe(ProbeHandler):
-    """Answers differently under bf16 autocast, so the accuracy guard must refuse bf16."""
+    """Answers differently under bf16 (autocast, or oneDNN fast math's switches), so the accuracy
+    guard must refuse bf16."""
 
     def check_inputs(self):
         from handlers.payload import Payload
@@ -61,7 +62,7 @@ class Bf16SensitiveProbe(ProbeHandler):
         return [Payload(body=b"1"), Payload(body=b"2")]
 
     def forward(self, model, batch):
-        flipped = torch.is_autocast_enabled("cpu")
+        flipped = torch.is_autocast_enabled("cpu") or torch.backends.mkldnn.matmul.fp32_precision == "bf16"
         rows = torch.stack([batch, -batch], dim=1) if not flipped else torch.stack([-batch, batch], dim=1)
         return rows
 

@@ -193,3 +193,22 @@ def test_guard_lets_stable_bf16_through_and_it_is_used(tmp_path):
     assert service._entry_point.worker.precision == "bf16"
     (reply,) = predict(service, [request(b"5")])
     assert reply.status == 200 and reply.json() == {"top": 0}
+
+
+@pytest.mark.parametrize("features, kept_out", [(GRAVITON3, True), (GRAVITON2, False)])
+def test_operators_fpmath_variable_keeps_onednn_out_of_fp32_only_where_bf16_is_native_and_says_so(
+        tmp_path, monkeypatch, caplog, features, kept_out):
+    monkeypatch.setattr(CpuFeatures, "detect", classmethod(lambda cls: features))
+    monkeypatch.setenv("DNNL_DEFAULT_FPMATH_MODE", "BF16")
+    caplog.set_level("INFO")
+    worker = probe_service(tmp_path, "sensitive", "auto")._entry_point.worker  # bf16 changes its answers
+    assert worker.precision == "fp32" and worker.tuning.fpmath_env is kept_out
+    lines = [record.getMessage() for record in caplog.records if "tuning:" in record.getMessage()]
+    if kept_out:
+        assert "if the accuracy guard passes (next line)" in lines[0]
+        assert "accuracy guard failed" in lines[1] and lines[1].endswith(
+            "oneDNN kept out: DNNL_DEFAULT_FPMATH_MODE makes bf16 its default in this process)")
+    else:
+        assert len(lines) == 1 and "precision=fp32 (no native bf16 (HWCAP2_BF16 clear));" in lines[0]
+    with acceleration.precision_mode("fp32", CPU, worker.tuning.fast_math, worker.tuning.fpmath_env):
+        assert torch.backends.mkldnn.enabled is not kept_out
