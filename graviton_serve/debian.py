@@ -32,6 +32,7 @@ MIRROR = "http://deb.debian.org/debian"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 QEMU_PACKAGE = ("qemu-user", "bookworm-backports")  # 10.0.x; its qemu-aarch64 is a static binary
 QEMU_DIR = CACHE_DIR / "qemu-user"
+QEMU_BINARY = QEMU_DIR / "qemu-aarch64"  # present only once a fetch has completed
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 BINFMT_NAME = "graviton-serve-aarch64"  # our own entry: the newest matching entry wins, and ours is removed after
 # An ELF64 little-endian executable or shared object for machine 183 (AArch64), as Debian's qemu
@@ -61,13 +62,13 @@ def ensure_tools(arch: str) -> None:
         qemu_aarch64()
 
 
-def qemu_aarch64(folder: Path = QEMU_DIR) -> Path:
+def qemu_aarch64() -> Path:
     """The static ``qemu-aarch64`` of Debian's ``qemu-user`` from bookworm-backports (10.0.x),
-    fetched once into ``folder``. ``apt-get download`` runs with a private APT configuration
+    fetched once into ``QEMU_DIR``. ``apt-get download`` runs with a private APT configuration
     (its own sources list, package lists and cache), so the machine's apt sources and state stay
     as they are; the package is verified against Debian's archive key like any apt download.
     Raises DebianError naming the step."""
-    binary = folder / "qemu-aarch64"
+    folder, binary = QEMU_DIR, QEMU_BINARY
     if binary.exists():
         return binary
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:

@@ -99,7 +99,7 @@ class Worker:
             self.precision, why = acceleration.guarded_precision(
                 self.tuning.precision, lambda precision: check_items and self.forward(check_items, precision))
             if self.precision == "fp32" and self.tuning.fpmath_env:
-                why += "; oneDNN kept out: DNNL_DEFAULT_FPMATH_MODE makes bf16 its default in this process"
+                why += f"; {tuning.ONEDNN_KEPT_OUT}"
             log.info("%s: tuning: precision=%s (%s)", self.model_name, self.precision, why)
         if wants_compile and not check_items:
             log.warning("%s: tuning: compile skipped: no check inputs to compile and prove it on; eager", self.model_name)

@@ -40,6 +40,7 @@ from handlers.launch import CORE_LOCK_DIR_VAR, FAST_MATH_VAR, launch_settings
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ONEDNN_KEPT_OUT = f"oneDNN kept out: {FAST_MATH_VAR} makes bf16 its default in this process"  # fp32 under it
 
 
 def cgroup_cpu_limit(cgroup_root: str = "/sys/fs/cgroup") -> float | None:
@@ -181,8 +182,7 @@ def decide_precision(requested: str, device: torch.device, features: CpuFeatures
     """fp32, bf16 or fp16, and why; ``how`` a CPU runs bf16 (fast_math_mode's words). Reduced
     precision still has to pass the core's accuracy guard."""
     if requested == "fp32":
-        return "fp32", "model-config asks for fp32" + (f" (oneDNN kept out: {FAST_MATH_VAR} makes bf16 its default in this process)"
-                                                       if fpmath_env and device.type == "cpu" else "")
+        return "fp32", "model-config asks for fp32" + (f" ({ONEDNN_KEPT_OUT})" if fpmath_env else "")
     if device.type == "cuda":
         native = "bf16" if capability and capability >= (8, 0) else "fp16"
         where = f"CUDA compute capability {capability[0]}.{capability[1]}" if capability else "CUDA"

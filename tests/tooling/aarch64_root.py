@@ -85,7 +85,7 @@ def ready_python(cache_dir: Path = CACHE_DIR) -> Aarch64Python | None:
     stamp = _read_stamp(root)
     # Packages reinstalled when a pin or this venv's versions change; the import checked again
     # when qemu changes.
-    qemu = debian.QEMU_DIR / "qemu-aarch64"
+    qemu = debian.QEMU_BINARY
     if stamp is None or stamp.get("packages") != _package_recipe() or not qemu.exists() \
             or stamp.get("qemu") != debian.qemu_version(qemu):
         return None
