@@ -153,10 +153,13 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8], help="REST concurrencies (ours and stock)")
-    parser.add_argument("--grpc-concurrency", nargs="*", type=int, default=[8], help="gRPC concurrencies (ours)")
-    parser.add_argument("--requests", type=int, default=40, help="requests per workload, path and concurrency")
+    parser.add_argument("--seconds", type=float, default=20, help="length of each REST cell (wrk)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of ours/stock cells, alternating (at least 3 for the README)")
+    parser.add_argument("--grpc-concurrency", nargs="*", type=int, default=[8], help="gRPC concurrencies (ours, once)")
+    parser.add_argument("--grpc-requests", type=int, default=40, help="requests per gRPC cell")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round of 4 s cells, 12 gRPC requests")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock TorchServe reference")
-    parser.add_argument("--no-limit", action="store_true", help="skip the raw-forward reference")
+    parser.add_argument("--no-limit", action="store_true", help="skip the limits")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="where results.md, .json and the chart go")
 
 
@@ -164,8 +167,10 @@ def bench(args: argparse.Namespace) -> None:
     from graviton_serve.bench.run import benchmark
     from graviton_serve.bench.workloads import workloads
 
-    benchmark(workloads(args.workloads), args.concurrency, args.grpc_concurrency, args.requests, args.out,
-              with_stock=not args.no_stock, with_limit=not args.no_limit)
+    if args.quick:
+        args.seconds, args.rounds, args.grpc_requests = 4, 1, 12
+    benchmark(workloads(args.workloads), args.concurrency, args.grpc_concurrency, args.grpc_requests, args.seconds,
+              args.rounds, args.out, with_stock=not args.no_stock, with_limit=not args.no_limit)
 
 
 def serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from graviton_serve import demo_mnist, demo_text, demo_vision
+from graviton_serve import demo_mnist, demo_text, demo_vision, int8_check
 from graviton_serve.families import Family, family, for_task
 from graviton_serve.archive import ArchiveSpec, build_archive, handler_sources, source_digest
 from graviton_serve.paths import CACHE_DIR, ROOT
@@ -120,13 +120,14 @@ def build_demo_store(store: Path, names: list[str] | None = None, force: bool = 
         model = DEMO_MODELS[name]
         archive = store / f"{name}.mar"
         stamp_file = store / STAMP_DIR / f"{name}.json"
-        sources = handler_sources() + [ROOT / path for path in model.training_sources]
+        sources = handler_sources() + [ROOT / path for path in (*model.training_sources, *int8_check.SOURCES)]
         stamp = {"sources": source_digest(sources), "model_config": model.model_config}
         if not force and archive.exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
             say(f"{name}: {archive.name} is up to date")
             built.append(archive)
             continue
         folder, metadata = _made_files(model)
+        metadata = {**metadata, **int8_check.held_out_int8(name, folder)}
         say(f"{name}: packaging {archive.name}")
         extras = [path for path in sorted(folder.iterdir()) if path.name not in (model.serialized_file, "metadata.json")]
         spec = ArchiveSpec(name, model.family.name, folder / model.serialized_file, model.model_config,

@@ -1,4 +1,5 @@
-"""Where and how the forward runs: the device, reduced precision behind an accuracy guard, and
+"""Where and how the forward runs: the device, reduced precision (bf16/fp16 by autocast or oneDNN
+fast math, int8 by dynamic quantization) behind accuracy guards, auto's timing, and
 torch.compile with a deadline and an eager fallback. Used by ``handlers.lifecycle.Worker``.
 """
 
@@ -7,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import statistics
 import threading
+import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -72,27 +76,97 @@ def precision_mode(precision: str, device: torch.device, fast_math: str = "", fp
         return without_onednn() if fpmath_env else contextlib.nullcontext()
     if precision == "bf16" and fast_math == FAST_MATH_SWITCHES:
         return mkldnn_bf16()
-    if precision == "bf16" and fast_math == FAST_MATH_ENVIRONMENT:
-        return contextlib.nullcontext()
+    if precision == "int8" or (precision == "bf16" and fast_math == FAST_MATH_ENVIRONMENT):
+        return contextlib.nullcontext()  # int8: the quantized model itself
     dtype = AUTOCAST_DTYPES.get(precision)
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def guarded_precision(candidate: str, forward: Callable[[str], list]) -> tuple[str, str]:
-    """``candidate`` if the model's check inputs keep their fp32 top-1 under it, else "fp32";
-    and why. ``forward(precision)`` returns the check inputs' outputs (None: there are none)."""
-    reference = forward("fp32")
-    if not reference:
-        return "fp32", f"{candidate} refused: the model has no check inputs for the accuracy guard"
+def accuracy_guard(candidate: str, reference: list, outputs: list) -> tuple[bool, str]:
+    """Whether ``outputs`` (the check inputs under ``candidate``) keep the fp32 ``reference``'s
+    top-1 on at least GUARD_AGREEMENT of the outputs; and the words for the log line."""
     agree = total = 0
-    for expected, got in zip(reference, forward(candidate)):
+    for expected, got in zip(reference, outputs):
         for a, b in zip(_tensors(expected), _tensors(got)):
             same = a.argmax(-1) == b.argmax(-1)
             agree, total = agree + int(same.sum()), total + same.numel()
     share = agree / max(1, total)
     if share >= GUARD_AGREEMENT:
-        return candidate, f"accuracy guard passed: {candidate} top-1 agrees with fp32 on {share:.1%} of {total} check outputs"
-    return "fp32", f"accuracy guard failed: {candidate} top-1 agrees with fp32 on only {share:.1%} of {total}; using fp32"
+        return True, f"accuracy guard passed: {candidate} top-1 agrees with fp32 on {share:.1%} of {total} check outputs"
+    return False, f"accuracy guard failed: {candidate} top-1 agrees with fp32 on only {share:.1%} of {total}"
+
+
+# -- int8: dynamic quantization of the Linear layers (CPU) --------------------------------------------
+
+INT8_MAX_POINTS_LOST = 1.0  # held-out accuracy through int8 may be at most this many points under fp32
+INT8_METADATA_KEY = "int8"  # metadata.json: {"metric", "fp32", "int8", "examples", "engine"}, measured at build
+
+
+def int8_engine(is_arm: bool) -> str | None:
+    """The quantized engine for dynamic int8 here, or None. x86: "x86" (torch's default there:
+    fbgemm's kernels and oneDNN's). aarch64: "onednn", which runs ``qlinear_dynamic`` on Arm
+    Compute Library's int8 GEMMs (pytorch/pytorch#126687, then ACL directly, #148585); torch 2.14's
+    aarch64 wheel reports "x86" as its default engine and fails "fbgemm" (unknown architecture)."""
+    preferred = ("onednn", "qnnpack") if is_arm else ("x86", "fbgemm", "onednn")
+    supported = torch.backends.quantized.supported_engines
+    return next((engine for engine in preferred if engine in supported), None)
+
+
+def int8_model(model: torch.nn.Module, engine: str) -> torch.nn.Module:
+    """A copy of ``model`` whose nn.Linear layers hold int8 weights, one scale per output channel,
+    and quantize their input per batch (``torch.ao.quantization.quantize_dynamic``); the rest stays
+    fp32. Per channel, not per tensor: on the demo's held-out tweets bert_fill_mask's top-1 stayed
+    0.165 (per tensor: 0.143) and roberta_sentiment lost 1.1 points (per tensor: 2.1). Sets the
+    process's quantized engine (a worker serves one model)."""
+    torch.backends.quantized.engine = engine
+    spec = {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
+    with warnings.catch_warnings():
+        # torch 2.14 says torch.ao.quantization moves to torchao; this eager API still ships in torch.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
+def int8_held_out(metadata: dict) -> tuple[bool | None, str]:
+    """The second int8 guard, from the archive's metadata (measured when it was built): True if
+    int8 lost at most INT8_MAX_POINTS_LOST points of held-out accuracy, False if more, None if
+    the archive has no such measurement; and the words for the log line."""
+    measured = metadata.get(INT8_METADATA_KEY)
+    if not isinstance(measured, dict) or not {"fp32", "int8"} <= measured.keys():
+        return None, "no held-out int8 accuracy in the archive's metadata"
+    lost = 100 * (measured["fp32"] - measured["int8"])
+    words = (f"held-out {measured.get('metric', 'accuracy')}: int8 {measured['int8']:.4f}, fp32 {measured['fp32']:.4f} "
+             f"on {measured.get('examples', '?')} examples ({-lost:+.2f} points)")
+    if lost <= INT8_MAX_POINTS_LOST:
+        return True, words
+    return False, f"{words}, more than {INT8_MAX_POINTS_LOST:g} lost"
+
+
+# -- auto: the fastest that passed --------------------------------------------------------------------
+
+AUTO_MIN_GAIN = 0.05  # a reduced precision must be this much faster than fp32 to be chosen (timing noise)
+AUTO_ROUNDS = 5  # timed forwards per precision, interleaved, each over all check inputs as one batch
+AUTO_BUDGET_S = 20.0  # stop adding rounds after this long (each precision has had at least one)
+
+
+def fastest(run: Callable[[str], Any], precisions: list[str]) -> tuple[str, dict[str, float]]:
+    """Time ``run(precision)`` for each precision (fp32 first) in interleaved rounds, within the
+    budget; the fastest by median, unless it gains less than AUTO_MIN_GAIN over fp32; and every
+    median in seconds."""
+    times: dict[str, list[float]] = {precision: [] for precision in precisions}
+    started = time.perf_counter()
+    for _ in range(AUTO_ROUNDS):
+        for precision in precisions:
+            begin = time.perf_counter()
+            run(precision)
+            times[precision].append(time.perf_counter() - begin)
+        if time.perf_counter() - started > AUTO_BUDGET_S:
+            break
+    medians = {precision: statistics.median(values) for precision, values in times.items()}
+    best = min(medians, key=medians.get)
+    if best != "fp32" and medians[best] > (1 - AUTO_MIN_GAIN) * medians["fp32"]:
+        best = "fp32"
+    return best, medians
 
 
 def compiled(model: torch.nn.Module, backend: str, timeout_s: int, warm_up: Callable[[torch.nn.Module], Any],

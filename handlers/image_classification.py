@@ -41,6 +41,7 @@ class ImageClassifier(ModelHandler):
     }
 
     categories: list[str] = []
+    decode_short_side: int | None = None  # the family resizes its short side to this: JPEGs may decode smaller
 
     def load(self, model_dir, serialized_file, settings, device):
         self.default_top_k = settings["top_k"]
@@ -60,7 +61,7 @@ class ImageClassifier(ModelHandler):
         top_k = payload.option("top_k", positive_int(MAX_TOP_K), self.default_top_k)
         data = payload.binary("image")
         with reading_client_bytes("the image", parser_packages=("PIL",)):
-            return ImageItem(self.image_to_tensor(open_image(data, self.max_pixels)), top_k)
+            return ImageItem(self.image_to_tensor(open_image(data, self.max_pixels, self.decode_short_side)), top_k)
 
     def check_inputs(self) -> list[Payload]:
         """Deterministic images for the precision guard and compile warm-up: smooth gradients and seeded noise, 3 sizes."""

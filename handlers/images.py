@@ -23,11 +23,14 @@ log = logging.getLogger(__name__)
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, max_pixels: int, short_side: int | None = None) -> Image.Image:
     """Decode ``data`` into a fully loaded PIL image, upright (EXIF orientation applied).
 
     The pixel count is checked from the header, before any pixel is decoded, so a
     decompression bomb costs nothing: over ``max_pixels`` is a 413, not an image is a 400.
+    ``short_side``: the model resizes to it next, so a JPEG may be decoded at 1/2, 1/4 or 1/8
+    scale while both sides stay at least that (libjpeg's DCT scaling, Pillow's ``draft``): a
+    12-megapixel phone photo decodes in a fraction of the time.
     """
     try:
         with warnings.catch_warnings():
@@ -40,6 +43,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
                     f"limit of {max_pixels}; send a smaller image"
                 )
             image.seek(0)  # animated formats: the first frame
+            if short_side and image.format == "JPEG":
+                image.draft(None, (short_side, short_side))
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PayloadTooLarge(

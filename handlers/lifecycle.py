@@ -11,6 +11,7 @@ precision and compile); per batch the worker
     4. splits the outputs per item    ModelHandler.postprocess, then moved to the CPU
     5. encodes each answer alone      ModelHandler.encode
     6. sets each request's status     one table (handlers.errors) gives status, body, log level
+    7. records the stages' seconds    TorchServe metrics (handlers.torchserve_wire), on Prometheus
 
 and always returns one answer per request. If the forward runs out of memory, each item is
 retried alone, so only the item that does not fit gets its 507.
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -67,6 +69,16 @@ class Reply:
     body: Any  # the answer, or the error body
 
 
+@dataclass
+class StageSeconds:
+    """Where one batch's time went (exported per batch as TorchServe metrics)."""
+
+    decode: float = 0.0  # every request's decode (bytes -> tensors)
+    forward: float = 0.0  # collate, the forward on the device, postprocess, back to the CPU
+    encode: float = 0.0  # every answer's encode
+    items: int = 0  # requests in the batch
+
+
 class Worker:
     """One model in one TorchServe worker process: built once at start, then serves batches."""
 
@@ -79,25 +91,30 @@ class Worker:
         gpu_id = context.system_properties.get("gpu_id")
         on_gpu = gpu_id is not None and torch.cuda.is_available()
         self.device = torch.device(f"cuda:{int(gpu_id)}" if on_gpu else "cpu")
+        if self.settings["precision"] == "int8" and not handler.offers_int8:
+            raise ValueError(f"model-config.yaml: 'handler.precision' is invalid: int8 is dynamic quantization of "
+                             f"nn.Linear layers, offered by text models and mnist, not by {type(handler).__name__}")
         self.tuning = tuning.configure(self.model_name, self.device, self.settings["precision"],
-                                       self.settings["cores"], int(config.get("minWorkers", 1) or 1))
-        serialized_file = (context.manifest or {}).get("model", {}).get("serializedFile")
-        self.model = handler.load(self.model_dir, serialized_file, self.settings, self.device).to(self.device).eval()
-        self.runner = self.model  # what forwards run: the model, or its compiled form
-        self.precision = "fp32"
-        self._accelerate()
+                                       self.settings["cores"], int(config.get("minWorkers", 1) or 1), handler.offers_int8)
         metadata_path = self.model_dir / METADATA_FILE
         self.metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
+        serialized_file = (context.manifest or {}).get("model", {}).get("serializedFile")
+        # What forwards run: fp32, or its int8 copy once chosen; self.runner is it or its compiled form.
+        self.model = handler.load(self.model_dir, serialized_file, self.settings, self.device).to(self.device).eval()
+        self.runner = self.model
+        self.precision = "fp32"
+        self._accelerate()
 
     def _accelerate(self) -> None:
-        """Reduced precision if the accuracy guard passes; torch.compile if asked (eager on failure)."""
+        """Reduced precision if its guards pass (auto: the fastest that passes); torch.compile if
+        asked (eager on failure)."""
         wants_compile = self.settings["compile"] != "off"
-        if self.tuning.precision == "fp32" and not wants_compile:
+        if not self.tuning.candidates and not wants_compile:
             return
         check_items = [self.handler.decode(payload) for payload in self.handler.check_inputs()]
-        if self.tuning.precision != "fp32":
-            self.precision, why = acceleration.guarded_precision(
-                self.tuning.precision, lambda precision: check_items and self.forward(check_items, precision))
+        if self.tuning.candidates:
+            self.precision, self.model, why = self._choose_precision(check_items)
+            self.runner = self.model
             if self.precision == "fp32" and self.tuning.fpmath_env:
                 why += f"; {tuning.ONEDNN_KEPT_OUT}"
             log.info("%s: tuning: precision=%s (%s)", self.model_name, self.precision, why)
@@ -108,6 +125,40 @@ class Worker:
                 self.model, self.settings["compile"], self.settings["compile_timeout_s"],
                 lambda runner: self._run(runner, check_items, self.precision), self.model_name)
 
+    def _choose_precision(self, check_items: list) -> tuple[str, torch.nn.Module, str]:
+        """(precision, the module its forwards run, why). Each candidate must keep the fp32
+        top-1 of the check inputs; int8 must also not have lost held-out accuracy at build
+        (auto: a measurement must exist). Asked for one: it, if it passed. auto: fp32 and the
+        passed ones timed on the check inputs, the fastest kept."""
+        candidates = self.tuning.candidates
+        if not check_items:
+            return "fp32", self.model, f"{', '.join(candidates)} refused: the model has no check inputs for the accuracy guard"
+        reference = self._run(self.model, check_items, "fp32")
+        passed: dict[str, torch.nn.Module] = {"fp32": self.model}
+        verdicts = []
+        for precision in candidates:
+            module = self.model
+            if precision == "int8":
+                held_out, words = acceleration.int8_held_out(self.metadata)
+                if held_out is False or (held_out is None and self.tuning.requested == "auto"):
+                    verdicts.append(f"int8 refused: {words}")
+                    continue
+                verdicts.append(words if held_out else f"int8 unproven: {words}")
+                module = acceleration.int8_model(self.model, self.tuning.int8_engine)
+            ok, words = acceleration.accuracy_guard(precision, reference, self._run(module, check_items, precision))
+            verdicts.append(words)
+            if ok:
+                passed[precision] = module
+        if len(passed) == 1:
+            return "fp32", self.model, "; ".join(verdicts) + "; using fp32"
+        if self.tuning.requested != "auto":
+            ((precision, module),) = [(p, m) for p, m in passed.items() if p != "fp32"]
+            return precision, module, "; ".join(reversed(verdicts))  # the guard's verdict first
+        best, seconds = acceleration.fastest(lambda p: self._run(passed[p], check_items, p), list(passed))
+        timings = ", ".join(f"{p} {1000 * s:.1f} ms" for p, s in seconds.items())
+        return best, passed[best], (f"auto: fastest that passed its guards, timed on {len(check_items)} check inputs "
+                                    f"as one batch: {timings}; " + "; ".join(verdicts))
+
     # -- one batch --------------------------------------------------------------------------------
 
     def handle(self, data: list, context: Any, enveloped: bool = False) -> list:
@@ -117,30 +168,38 @@ class Worker:
             # KServe v1 instances / v2 inputs of ONE request are the batch; the envelope wraps our
             # list into one reply (status 200), so a failed instance carries its error body in place.
             instances = [row if isinstance(row, dict) else {"data": row} for row in data]
-            return [reply.body for reply in self.answer([Payload.from_request(row) for row in instances])]
+            replies, stages = self.answer([Payload.from_request(row) for row in instances])
+            torchserve_wire.record_stage_metrics(context, vars(stages))
+            return [reply.body for reply in replies]
         payloads = []
         for index, request in enumerate(data):
             headers = torchserve_wire.request_headers(context, index)
             if not torchserve_wire.arrived_over_http(headers):
                 torchserve_wire.mark_complete_for_grpc(context, index)
             payloads.append(Payload.from_request(request, headers))
-        replies = self.answer(payloads)
+        replies, stages = self.answer(payloads)
+        torchserve_wire.record_stage_metrics(context, vars(stages))
         for index, reply in enumerate(replies):
             if reply.status != 200:
                 context.set_response_status(reply.status, reply.body["type"], index)
             context.set_response_content_type(index, "application/json")
         return [json.dumps(reply.body) for reply in replies]
 
-    def answer(self, payloads: list[Payload]) -> list[Reply]:
-        """One reply per payload, in order: decode each alone, one forward, encode each alone."""
+    def answer(self, payloads: list[Payload]) -> tuple[list[Reply], StageSeconds]:
+        """One reply per payload, in order: decode each alone, one forward, encode each alone;
+        and the seconds each stage took."""
+        stages = StageSeconds(items=len(payloads))
         replies: list[Reply | None] = [None] * len(payloads)
         items: dict[int, Any] = {}
+        started = time.perf_counter()
         for index, payload in enumerate(payloads):
             try:
                 items[index] = self.handler.decode(payload)
             except Exception as error:  # noqa: BLE001 - every error is answered per request
                 replies[index] = self._error_reply(index, error)
+        decoded = time.perf_counter()
         outputs, failures = self._forward_isolating_oom(items)
+        forwarded = time.perf_counter()
         for index, error in failures.items():
             replies[index] = self._error_reply(index, error)
         for index, output in outputs.items():
@@ -148,7 +207,8 @@ class Worker:
                 replies[index] = Reply(200, self.handler.encode(output, items[index]))
             except Exception as error:  # noqa: BLE001
                 replies[index] = self._error_reply(index, error)
-        return replies
+        stages.decode, stages.forward, stages.encode = decoded - started, forwarded - decoded, time.perf_counter() - forwarded
+        return replies, stages
 
     def _forward_isolating_oom(self, items: dict[int, Any]) -> tuple[dict[int, Any], dict[int, Exception]]:
         """(index -> output, index -> the error that index gets). One forward for the batch; if

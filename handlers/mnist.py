@@ -77,6 +77,7 @@ def normalize(field: np.ndarray) -> torch.Tensor:
 
 class MnistHandler(ImageClassifier):
     categories = [str(digit) for digit in range(10)]
+    offers_int8 = True  # its classifier is two Linear layers; auto times whether that pays
 
     def load_network(self, model_dir: Path, serialized_file: str | None, settings: dict) -> nn.Module:
         model = MnistNet()

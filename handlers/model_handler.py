@@ -32,6 +32,8 @@ from handlers.settings import Setting
 class ModelHandler(ABC):
     #: keys accepted under ``handler:`` in model-config.yaml, each with its default and parser
     settings: dict[str, Setting] = {}
+    #: int8 (dynamic quantization of nn.Linear) pays for this family: its compute is mostly Linear layers
+    offers_int8: bool = False
 
     @abstractmethod
     def load(self, model_dir: Path, serialized_file: str | None, settings: dict, device: torch.device) -> torch.nn.Module:

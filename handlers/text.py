@@ -38,6 +38,7 @@ class TextItem:
 
 class TextHandler(ModelHandler):
     settings = {"max_text_bytes": Setting(65_536, positive_int(10_000_000))}
+    offers_int8 = True  # a transformer's compute is its Linear layers
 
     @property
     @abstractmethod

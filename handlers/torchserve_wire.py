@@ -69,3 +69,28 @@ class BusyMarker:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
         return False
+
+
+# Per-batch stage times as TorchServe model metrics (Prometheus counters on the metrics port when
+# metrics_mode=prometheus and model_metrics_auto_detect=true; lines in model_metrics.log otherwise):
+# rate(seconds_total) / rate(batches_total) is a stage's time per batch, and
+# rate(batch_items_total) / rate(batches_total) how full batches are.
+STAGE_SECONDS_METRIC = "graviton_serve_stage_seconds_total"  # label Stage: decode, forward, encode
+BATCHES_METRIC = "graviton_serve_batches_total"
+BATCH_ITEMS_METRIC = "graviton_serve_batch_items_total"
+
+
+def record_stage_metrics(context: Any, stages: dict[str, float]) -> None:
+    """Add one batch's ``{"decode": s, "forward": s, "encode": s, "items": n}`` to the model's
+    counters. No metrics cache on the context (a test's loader): nothing to do."""
+    metrics = getattr(context, "metrics", None)
+    if metrics is None:
+        return
+    from ts.metrics.dimension import Dimension
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    for stage in ("decode", "forward", "encode"):
+        metrics.add_metric(STAGE_SECONDS_METRIC, stages[stage], "Seconds", dimensions=[Dimension("Stage", stage)],
+                           metric_type=MetricTypes.COUNTER)
+    metrics.add_metric(BATCHES_METRIC, 1, "Count", dimensions=[], metric_type=MetricTypes.COUNTER)
+    metrics.add_metric(BATCH_ITEMS_METRIC, stages["items"], "Count", dimensions=[], metric_type=MetricTypes.COUNTER)

@@ -39,7 +39,7 @@ from handlers.launch import CORE_LOCK_DIR_VAR, FAST_MATH_VAR, launch_settings
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 ONEDNN_KEPT_OUT = f"oneDNN kept out: {FAST_MATH_VAR} makes bf16 its default in this process"  # fp32 under it
 
 
@@ -178,26 +178,42 @@ def fast_math_mode(device: torch.device, features: CpuFeatures, environ: dict[st
 
 def decide_precision(requested: str, device: torch.device, features: CpuFeatures,
                      capability: tuple[int, int] | None = None, how: str = "autocast",
-                     fpmath_env: bool = False) -> tuple[str, str]:
-    """fp32, bf16 or fp16, and why; ``how`` a CPU runs bf16 (fast_math_mode's words). Reduced
-    precision still has to pass the core's accuracy guard."""
+                     fpmath_env: bool = False, int8_engine: str | None = None) -> tuple[tuple[str, ...], str]:
+    """The precisions to try beside fp32, and why. ``auto``: each that can pay here (the core
+    keeps the fastest that passes its guards, by timing them); a precision asked for: that one,
+    where it can run; ``fp32``: none. ``how`` a CPU runs bf16 (fast_math_mode's words);
+    ``int8_engine``: the quantized engine, where the model family offers int8 (None: it does not)."""
     if requested == "fp32":
-        return "fp32", "model-config asks for fp32" + (f" ({ONEDNN_KEPT_OUT})" if fpmath_env else "")
+        return (), "model-config asks for fp32" + (f" ({ONEDNN_KEPT_OUT})" if fpmath_env else "")
+    int8 = f"int8 (dynamic, {int8_engine} engine)"
     if device.type == "cuda":
         native = "bf16" if capability and capability >= (8, 0) else "fp16"
         where = f"CUDA compute capability {capability[0]}.{capability[1]}" if capability else "CUDA"
         if requested == "auto":
-            return native, f"{where}: {native} tensor cores"
+            return (native,), f"auto: {where}: {native} tensor cores"
+        if requested == "int8":
+            return (), "int8 is dynamic quantization for the CPU; CUDA runs fp32"
         if requested == "bf16" and native != "bf16":
-            return "fp16", f"{where} has no bf16; fp16 instead"
-        return requested, f"model-config asks for {requested}"
+            return ("fp16",), f"{where} has no bf16; fp16 instead"
+        return (requested,), f"model-config asks for {requested}"
     if requested == "fp16":
-        return "fp32", "fp16 is for CUDA; the CPU runs fp32"
+        return (), "fp16 is for CUDA; the CPU runs fp32"
     if requested == "bf16":
-        return "bf16", f"model-config asks for bf16, by {how}" + ("" if features.bf16 else f" (no native bf16: {features.evidence})")
+        return ("bf16",), f"model-config asks for bf16, by {how}" + ("" if features.bf16 else f" (no native bf16: {features.evidence})")
+    if requested == "int8":
+        if int8_engine is None:
+            return (), "int8 asked for, but torch has no quantized engine for this CPU"
+        return ("int8",), f"model-config asks for {int8}"
+    candidates, reasons = [], []
     if features.bf16:
-        return "bf16", f"native bf16 ({features.evidence}), by {how}"
-    return "fp32", f"no native bf16 ({features.evidence})"
+        candidates.append("bf16")
+        reasons.append(f"bf16: native ({features.evidence}), by {how}")
+    else:
+        reasons.append(f"no native bf16 ({features.evidence})")
+    if int8_engine is not None:
+        candidates.append("int8")
+        reasons.append(int8)
+    return tuple(candidates), "auto: " + "; ".join(reasons)
 
 
 def launch_env_report(environ: dict[str, str] | None = None, features: CpuFeatures | None = None) -> str:
@@ -213,14 +229,16 @@ def launch_env_report(environ: dict[str, str] | None = None, features: CpuFeatur
 @dataclass
 class Tuning:
     threads: int
-    precision: str
+    requested: str  # handler.precision
+    candidates: tuple[str, ...]  # the precisions to try beside fp32 (decide_precision)
     claim: CoreClaim | None  # held for the worker's lifetime: its locks are its cores
     fast_math: str  # how bf16 runs on this CPU: acceleration.FAST_MATH_SWITCHES / _ENVIRONMENT, "" (autocast)
     fpmath_env: bool  # the operator made bf16 oneDNN's default for the whole process
+    int8_engine: str | None  # the quantized engine for int8, where the model family offers it
 
 
 def configure(model_name: str, device: torch.device, requested_precision: str, cores_wanted: int = 0,
-              workers: int = 1) -> Tuning:
+              workers: int = 1, offers_int8: bool = False) -> Tuning:
     """Claim cores, set torch's threads once and decide the precision; log it all as one line."""
     claim = None
     if cores_wanted and device.type == "cpu":
@@ -247,10 +265,18 @@ def configure(model_name: str, device: torch.device, requested_precision: str, c
     fast_math, how = fast_math_mode(device, features)
     # The variable changes oneDNN's math only where bf16 is native; elsewhere oneDNN stays fp32 anyway.
     fpmath_env = fpmath_env_on() and device.type == "cpu" and features.bf16
-    precision, precision_reason = decide_precision(requested_precision, device, features, cuda_capability(device),
-                                                   how, fpmath_env)
-    verdict = "" if precision == "fp32" else ", if the accuracy guard passes (next line)"
-    reason = (f"threads={threads} {interop} ({thread_reason}); precision={precision} ({precision_reason}){verdict}; "
+    engine = acceleration.int8_engine(features.is_arm) if offers_int8 and device.type == "cpu" else None
+    candidates, precision_reason = decide_precision(requested_precision, device, features, cuda_capability(device),
+                                                    how, fpmath_env, engine)
+    if not candidates:
+        precision = "fp32"
+    elif requested_precision == "auto":
+        precision = f"auto of fp32, {', '.join(candidates)}"
+        precision_reason += "; each timed on the check inputs if its guards pass (next line)"
+    else:
+        precision = candidates[0]
+        precision_reason += ", if the accuracy guard passes (next line)"
+    reason = (f"threads={threads} {interop} ({thread_reason}); precision={precision} ({precision_reason}); "
               f"{launch_env_report(features=features)}")
     log.info("%s: tuning: device=%s %s", model_name, device, reason)
-    return Tuning(threads, precision, claim, fast_math, fpmath_env)
+    return Tuning(threads, requested_precision, candidates, claim, fast_math, fpmath_env, engine)

@@ -58,6 +58,7 @@ class VisionHandler(ImageClassifier):
         weights = weights_entry(settings["architecture"], settings["weights"])
         self.transform = weights.transforms()
         self.resize_short_side = min(self.transform.resize_size)
+        self.decode_short_side = self.resize_short_side
         self.categories = list(weights.meta["categories"])
         model = build_network(settings["architecture"], len(self.categories))
         state = torch.load(model_dir / (serialized_file or "model.pt"), map_location="cpu", weights_only=True)

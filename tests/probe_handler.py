@@ -82,3 +82,45 @@ class Bf16StableProbe(Bf16SensitiveProbe):
 
 sensitive = TorchServeHandler(Bf16SensitiveProbe)
 stable = TorchServeHandler(Bf16StableProbe)
+
+
+class Int8Probe(ModelHandler):
+    """One Linear layer over a body of ones, its weights chosen so that int8's rounding moves the
+    top-1: row 0's scale is 100/127, so its 0.6s round up to 0.787 (int8: 102.36 against row 1's
+    exact 102; fp32: 101.8 against 102). The "stable" variant keeps a clear top-1.
+    metadata.json decides the held-out guard."""
+
+    offers_int8 = True
+    rows = [[100.0, 0.6, 0.6, 0.6], [102.0, 0.0, 0.0, 0.0]]
+
+    def load(self, model_dir, serialized_file, settings, device):
+        layer = torch.nn.Linear(4, len(self.rows), bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor(self.rows))
+        return torch.nn.Sequential(layer)
+
+    def decode(self, payload):
+        return torch.ones(4)
+
+    def collate(self, items):
+        return torch.stack(items)
+
+    def check_inputs(self):
+        from handlers.payload import Payload
+
+        return [Payload(body=b"1"), Payload(body=b"2")]
+
+    def encode(self, output, item):
+        return {"top": int(output.argmax()), "type": type(self.last_model).__name__ if hasattr(self, "last_model") else ""}
+
+    def forward(self, model, batch):
+        self.last_model = model[0]
+        return model(batch)
+
+
+class Int8StableProbe(Int8Probe):
+    rows = [[9.0, 9.0, 9.0, 9.0], [102.0, 0.0, 0.0, 0.0]]
+
+
+int8_drifts = TorchServeHandler(Int8Probe)
+int8_stable = TorchServeHandler(Int8StableProbe)

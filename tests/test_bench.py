@@ -1,40 +1,57 @@
-"""scripts/bench's logic: the comparison table, and one small real run through TorchServe."""
+"""scripts/bench's logic: the per-round ratios, and one small real run through TorchServe and wrk."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from graviton_serve.bench.report import summary
-from graviton_serve.bench.results import LoadRun, RawForward, Workload
+from graviton_serve.bench.report import ratios, summary
+from graviton_serve.bench.results import Limit, LoadRun, Workload
 from graviton_serve.bench.run import benchmark
 from tests.conftest import TESTS
 
 
-def cell(path: str, throughput: float, errors: int = 0, concurrency: int = 8) -> LoadRun:
-    return LoadRun("resnet50", path, "REST", concurrency, 10, 10 / throughput, [100.0] * 10, errors, 0.2, 900)
+def cell(path: str, throughput: float, round_number: int, concurrency: int = 8, p50: float = 100.0,
+         errors: int = 0) -> LoadRun:
+    return LoadRun("resnet50", path, "REST", concurrency, round_number, 100, 100 / throughput, p50, p50, p50, p50, errors,
+                   0.2, 900, 0.1)
 
 
-def test_summary_gives_ratios_at_the_highest_concurrency():
-    cells = [cell("ours", 2.0, concurrency=1), cell("ours", 8.0), cell("stock", 1.0), cell("stock", 6.0, concurrency=1)]
-    limits = {"resnet50": RawForward("resnet50", 8, 2, "fp32", 10.0, 800.0)}
-    row = summary(cells, limits).splitlines()[-1]
-    assert row.startswith("| resnet50 (c8) | 8.00 | 1.00 | 10.00 | 8.00× | 0.80× |")
+LIMITS = [Limit("resnet50", "forward (fp32)", 8, 2, "fp32", 10.0, 800.0), Limit("resnet50", "serving", 8, 2, "fp32", 8.0, 1000.0)]
 
 
-def test_a_run_with_errors_is_not_compared():
-    row = summary([cell("ours", 8.0), cell("stock", 50.0, errors=10)], {}).splitlines()[-1]
-    assert "| 8.00 | — | — | — | — |" in row
+def test_ratios_are_per_round_then_median_with_min_max():
+    cells = [cell("ours", 8.0, 1), cell("stock", 2.0, 1), cell("stock", 4.0, 2), cell("ours", 8.0, 2),
+             cell("ours", 9.0, 3), cell("stock", 3.0, 3),
+             cell("ours", 5.0, 1, concurrency=1, p50=90), cell("stock", 5.0, 1, concurrency=1, p50=100)]
+    found = ratios(cells, LIMITS)["resnet50"]
+    assert found["ours/stock"] == [4.0, 2.0, 3.0]  # round by round, not median over median
+    assert found["ours/serving"] == [1.0, 1.0, 9.0 / 8.0]
+    assert found["c1 p50 ours/stock"] == [0.9]
+    row = summary(cells, LIMITS).splitlines()[-1]
+    assert row.startswith("| resnet50 (c8) | 8.00 (8.00–9.00) | 3.00 (2.00–4.00) | 3.00× (2.00–4.00) | 0.80× (0.80–0.90) | "
+                          "1.00× (1.00–1.12) | 90 | 100 | 0.90× |")
+
+
+def test_a_cell_with_errors_takes_no_part_in_a_ratio():
+    found = ratios([cell("ours", 8.0, 1), cell("stock", 50.0, 1, errors=3)], [])["resnet50"]
+    assert found["ours/stock"] == [] and found["stock"] == []
 
 
 @pytest.mark.integration
-def test_a_small_run_through_a_real_torchserve(mnist_mar, tmp_path, capsys):
+def test_a_small_run_through_a_real_torchserve_with_wrk(mnist_mar, tmp_path):
     digit = (TESTS / "data" / "digit.png").read_bytes()
-    text = benchmark([Workload("mnist", mnist_mar, [digit, b"not an image"])], rest_concurrencies=[2],
-                     grpc_concurrencies=[2], count=6, out=tmp_path, with_stock=False)
-    rows = [line for line in text.splitlines() if line.startswith("| mnist | ours")]
-    assert [row.split(" | ")[2] for row in rows] == ["REST", "gRPC"]
-    # Every second body is not an image: those requests count as errors, over REST and gRPC alike.
-    assert all(row.split(" | ")[10] == "50.0" for row in rows)
-    assert "| mnist | 8 | " in text  # the limit, at the archive's batch size
+    text = benchmark([Workload("mnist", mnist_mar, [digit, b"not an image"])], concurrencies=[2], grpc_concurrencies=[2],
+                     grpc_requests=6, seconds=2, rounds=1, out=tmp_path, with_stock=False)
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| mnist | ours")]
+    assert [row[2] for row in rows] == ["REST", "gRPC"]
+    rest, grpc = rows
+    # Every second body is not an image: wrk counts those 400s as errors, the gRPC client its error bodies.
+    assert int(rest[5]) > 10 and abs(int(rest[12]) - int(rest[5]) / 2) <= 2
+    assert grpc[12] == "3"
+    assert 0 < float(rest[15].rstrip(" |")) < 1.5  # wrk's own CPU share, measured
+    assert "| mnist | forward (fp32) | 8 | " in text and "| mnist | serving | 8 | " in text
     assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "results.md").read_text() == text
+    assert json.loads((tmp_path / "results.json").read_text())["ratios"]["mnist"]["ours"] == []  # errors: no ratio

@@ -54,5 +54,5 @@ def test_reduced_precision_follows_the_device(tmp_path):
     load_model_dir(tmp_path, TESTS / "probe_handler.py", "probe", {"handler": {"precision": "auto"}})
     service = load_service(tmp_path, "probe_handler.py:stable", name="probe", gpu_id=0)
     expected = "bf16" if torch.cuda.get_device_capability(0) >= (8, 0) else "fp16"
-    assert service._entry_point.worker.tuning.precision == expected
+    assert service._entry_point.worker.tuning.candidates == (expected,)
     assert service._entry_point.worker.precision == expected  # the guard let it through

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,6 +68,8 @@ def test_grpc_ping_list_describe(grpc_client):
     assert [m["modelName"] for m in grpc_client.list_models()["models"]] == ["mnist"]
     (described,) = grpc_client.describe_model("mnist", customized=True)
     assert described["customizedMetadata"]["held_out_accuracy"] >= 0.97
+    int8 = described["customizedMetadata"]["int8"]  # int8's held-out guard, measured at build
+    assert int8["examples"] == 1000 and abs(int8["fp32"] - int8["int8"]) <= 0.01
 
 
 def test_grpc_bad_input_gets_the_error_body_and_the_stream_survives(mnist_server, grpc_client):
@@ -145,6 +148,36 @@ def test_bad_inputs_fail_alone_inside_one_batch_and_the_worker_stays(batching_se
     time.sleep(0.5)  # the worker's log line reaches the frontend's log asynchronously
     assert batches_seen(batching_server) - before == 1, "the 8 requests did not share one batch"
     assert worker_pids(batching_server, "mnist_batch") == pids
+
+
+def stage_counters(server, model: str) -> dict[str, float]:
+    """Our per-stage counters for ``model`` on the Prometheus endpoint (absent: 0)."""
+    text = requests.get(server.url("metrics", "metrics"), timeout=30).text
+    found = {}
+    for name, labels, value in re.findall(r"^(graviton_serve_\w+)\{([^}]*)\} (\S+)$", text, re.MULTILINE):
+        if f'ModelName="{model}"' in labels:
+            stage = re.search(r'Stage="(\w+)"', labels)
+            found[name + (f"[{stage.group(1)}]" if stage else "")] = float(value)
+    return found
+
+
+def test_stage_times_and_batch_fill_are_prometheus_counters(batching_server):
+    before = stage_counters(batching_server, "mnist_batch")
+    digits = [png(image) for image in split_digits().held_out_images[:8]]
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda body: post(batching_server, "mnist_batch", body), digits))
+    assert [reply.status_code for reply in replies] == [200] * 8
+    deadline = time.monotonic() + 15  # the worker's metric lines reach the frontend asynchronously
+    while time.monotonic() < deadline:
+        after = stage_counters(batching_server, "mnist_batch")
+        if after.get("graviton_serve_batches_total", 0) > before.get("graviton_serve_batches_total", 0):
+            break
+        time.sleep(0.5)
+    grew = {name: after[name] - before.get(name, 0.0) for name in after}
+    assert grew["graviton_serve_batches_total"] == 1  # the 8 requests shared one batch (maxBatchDelay 5 s)
+    assert grew["graviton_serve_batch_items_total"] == 8
+    for stage in ("decode", "forward", "encode"):
+        assert 0 < grew[f"graviton_serve_stage_seconds_total[{stage}]"] < 30
 
 
 def test_stopping_leaves_no_process(mnist_mar, tmp_path):

@@ -47,8 +47,8 @@ def test_aarch64_bf16_comes_from_hwcap2():
     ("fp16", ZEN4_FEATURES, CPU, "fp32"),
 ])
 def test_cpu_precision_decision(requested, features, device, expected):
-    precision, reason = decide_precision(requested, device, features)
-    assert precision == expected and reason
+    candidates, reason = decide_precision(requested, device, features)  # a family without int8
+    assert candidates == (() if expected == "fp32" else (expected,)) and reason
 
 
 @pytest.mark.parametrize("requested, capability, expected", [
@@ -61,8 +61,8 @@ def test_cpu_precision_decision(requested, features, device, expected):
 ])
 def test_cuda_precision_follows_the_device(requested, capability, expected):
     # G5g: a Graviton2 host
-    precision, reason = decide_precision(requested, torch.device("cuda", 0), GRAVITON2, capability)
-    assert precision == expected
+    candidates, reason = decide_precision(requested, torch.device("cuda", 0), GRAVITON2, capability)
+    assert candidates == (() if expected == "fp32" else (expected,))
     assert f"{capability[0]}.{capability[1]}" in reason or requested != "auto"
 
 
@@ -130,9 +130,9 @@ def test_fast_math_is_torchs_switches_on_arm_with_bf16_read_back_else_the_operat
     assert fast_math_mode(torch.device("cuda"), GRAVITON3, on, switches=True) == ("", "autocast")
     assert fpmath_env_on(on) and fpmath_env_on({"DNNL_DEFAULT_FPMATH_MODE": "any"})
     assert not fpmath_env_on({}) and not fpmath_env_on({"DNNL_DEFAULT_FPMATH_MODE": "STRICT"})
-    precision, why = decide_precision("auto", CPU, GRAVITON3, how=how)
-    assert precision == "bf16" and why == f"native bf16 (HWCAP2_BF16 set), by {how}"
-    assert decide_precision("fp32", CPU, GRAVITON3, how=how) == ("fp32", "model-config asks for fp32")
+    candidates, why = decide_precision("auto", CPU, GRAVITON3, how=how)
+    assert candidates == ("bf16",) and why == f"auto: bf16: native (HWCAP2_BF16 set), by {how}"
+    assert decide_precision("fp32", CPU, GRAVITON3, how=how) == ((), "model-config asks for fp32")
     assert "oneDNN kept out" in decide_precision("fp32", CPU, GRAVITON3, fpmath_env=True)[1]
 
 
@@ -205,10 +205,10 @@ def test_operators_fpmath_variable_keeps_onednn_out_of_fp32_only_where_bf16_is_n
     assert worker.precision == "fp32" and worker.tuning.fpmath_env is kept_out
     lines = [record.getMessage() for record in caplog.records if "tuning:" in record.getMessage()]
     if kept_out:
-        assert "if the accuracy guard passes (next line)" in lines[0]
+        assert "each timed on the check inputs if its guards pass (next line)" in lines[0]
         assert "accuracy guard failed" in lines[1] and lines[1].endswith(
             "oneDNN kept out: DNNL_DEFAULT_FPMATH_MODE makes bf16 its default in this process)")
     else:
-        assert len(lines) == 1 and "precision=fp32 (no native bf16 (HWCAP2_BF16 clear));" in lines[0]
+        assert len(lines) == 1 and "precision=fp32 (auto: no native bf16 (HWCAP2_BF16 clear));" in lines[0]
     with acceleration.precision_mode("fp32", CPU, worker.tuning.fast_math, worker.tuning.fpmath_env):
         assert torch.backends.mkldnn.enabled is not kept_out

@@ -1,21 +1,25 @@
-"""scripts/bench: ours against the stock path and against the limit, in one run, on one machine.
+"""scripts/bench: ours against the stock path and against the limits, in one run, on one machine.
 
-For each workload, three measurements, taken one after another so none competes for the CPU:
-- ours: our archive in a real TorchServe with our config, loaded over REST (and gRPC) at
-  several concurrencies;
+For each workload:
+- ours: our archive in a real TorchServe with our config;
 - stock: the path a user would have without us (TorchServe's own ``image_classifier`` handler
   for vision; for text a handler in the manner of TorchServe's Hugging Face example, padded to
-  max_length, fp32), in a real TorchServe under TorchServe's default worker count and batch 1;
-- limit: our model's raw in-process forward (collate + forward) at our batch size, with the
-  threads and precision our worker decides, and no server.
+  max_length, fp32), in a real TorchServe under TorchServe's default worker count and batch 1.
+  Both servers are up together; wrk (C, one thread) loads one at a time for a fixed time per
+  cell, ours and stock alternating in rounds (ours then stock, then stock then ours, ...), so a
+  drift of the machine hits both and each round gives one ratio. Its own CPU is reported;
+- limits, in this process with no server, on one full batch: the fp32 forward alone, and
+  serving's work per item (decode + forward + encode) in the precision our worker chose.
 
-Columns follow TorchServe's benchmark-ab (throughput, p50/p90/p99/mean latency, errors), plus
-the worker processes' CPU seconds per request and their RSS.
+The summary gives each ratio as the median of the rounds with their min–max. Columns follow
+TorchServe's benchmark-ab (throughput, p50/p90/p99/mean latency, errors), plus the worker
+processes' CPU seconds per request and RSS, and the load client's CPU.
 
-    results.py    what is measured: Workload, LoadRun (one load run), RawForward (the raw forward)
-    load.py       load generation: real TorchServes, REST and gRPC request loops, worker CPU and RSS
-    limit.py      the raw forward, in this process, through the handler's public hook
-    report.py     the tables (Markdown), results.json and the chart (PNG)
-    workloads.py  what each workload loads: bodies, our archive, the stock reference archive
-    run.py        the whole run: ours, stock, the limit, the report
+    results.py       what is measured: Workload, LoadRun (one cell), Limit
+    load.py          real TorchServes, wrk over REST, a Python gRPC loop, worker CPU and RSS
+    post_bodies.lua  wrk's script: POST the bodies in turn, print one JSON summary line
+    limit.py         the limits, in this process, through the handler core
+    report.py        per-round ratios, the tables (Markdown), results.json and the chart (PNG)
+    workloads.py     what each workload loads: bodies, our archive, the stock reference archive
+    run.py           the whole run, workload by workload
 """

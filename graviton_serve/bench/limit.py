@@ -1,4 +1,10 @@
-"""The limit: our handler's raw collate + forward on one full batch, in this process, no server."""
+"""The limits: our handler in this process, no server, on one full batch of the bench's bodies.
+
+- forward (fp32): collate + forward + postprocess in fp32, the inputs decoded beforehand: what
+  the model alone costs, before any precision choice;
+- serving: decode + collate + forward + postprocess + encode (``Worker.answer``) in the precision
+  the worker chose: everything a server must do per item, without the server.
+"""
 
 from __future__ import annotations
 
@@ -8,42 +14,66 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import yaml
 
 from graviton_serve.archive import unpack_archive
-from graviton_serve.bench.results import RawForward
+from graviton_serve.bench.results import Limit
 
 
-def raw_limit(workload: str, archive: Path, bodies: list[bytes], min_seconds: float = 5.0) -> RawForward:
-    """Our handler's collate + forward on one full batch, in this process, as a worker would run it."""
+def _worker(workload: str, folder: Path, manifest: dict, precision: str | None):
+    """A worker as TorchServe's would be, over the unpacked archive; ``precision`` overrides its config."""
     from handlers.lifecycle import Worker
+
+    config = yaml.safe_load((folder / "model-config.yaml").read_text())
+    if precision:
+        config.setdefault("handler", {})["precision"] = precision
+    module = importlib.import_module(f"handlers.{Path(manifest['model']['handler']).stem}")
+    context = SimpleNamespace(model_name=workload, manifest=manifest, model_yaml_config=config,
+                              system_properties={"model_dir": str(folder), "gpu_id": None})
+    return Worker(module.handle.make_handler(), context), int(config.get("batchSize", 1))
+
+
+def _median_seconds(run: Callable[[], object], min_seconds: float) -> float:
+    for _ in range(2):
+        run()
+    times = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < min_seconds or len(times) < 3:
+        begin = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def limits(workload: str, archive: Path, bodies: list[bytes], min_seconds: float = 5.0) -> list[Limit]:
+    """[forward (fp32), serving] for the workload's archive, each timed for at least ``min_seconds``."""
     from handlers.payload import Payload
 
-    with tempfile.TemporaryDirectory(prefix="gs-bench-raw-") as work:
-        manifest = unpack_archive(archive, Path(work))
-        config = yaml.safe_load((Path(work) / "model-config.yaml").read_text())
-        module = importlib.import_module(f"handlers.{Path(manifest['model']['handler']).stem}")
-        context = SimpleNamespace(model_name=workload, manifest=manifest, model_yaml_config=config,
-                                  system_properties={"model_dir": work, "gpu_id": None})
-        worker = Worker(module.handle.make_handler(), context)
-        batch = int(config.get("batchSize", 1))
-        decoded = []
-        for body in bodies[: 4 * batch]:
-            try:
-                decoded.append(worker.handler.decode(Payload(body=body)))
-            except Exception:  # noqa: BLE001 - a body the model refuses is no part of its forward
-                pass
-        if not decoded:
-            raise ValueError(f"{workload}: none of the bodies decodes; nothing to time")
-        items = [decoded[i % len(decoded)] for i in range(batch)]
-        for _ in range(2):
-            worker.forward(items)
-        times = []
-        started = time.perf_counter()
-        while time.perf_counter() - started < min_seconds or len(times) < 3:
-            begin = time.perf_counter()
-            worker.forward(items)
-            times.append(time.perf_counter() - begin)
-        forward = statistics.median(times)
-        return RawForward(workload, batch, worker.tuning.threads, worker.precision, batch / forward, forward * 1000)
+    found = []
+    with tempfile.TemporaryDirectory(prefix="gs-bench-limit-") as work:
+        folder = Path(work)
+        manifest = unpack_archive(archive, folder)
+        for kind, precision in (("forward (fp32)", "fp32"), ("serving", None)):
+            worker, batch = _worker(workload, folder, manifest, precision)
+            payloads = [Payload(body=body) for body in bodies[: 4 * batch]]
+            usable = []
+            for payload in payloads:
+                try:
+                    usable.append((payload, worker.handler.decode(payload)))
+                except Exception:  # noqa: BLE001 - a body the model refuses is no part of its cost
+                    pass
+            if not usable:
+                raise ValueError(f"{workload}: none of the bodies decodes; nothing to time")
+            chosen = [usable[i % len(usable)] for i in range(batch)]
+            if precision == "fp32":
+                items = [item for _, item in chosen]
+                seconds = _median_seconds(lambda: worker.forward(items), min_seconds)
+            else:
+                requests = [payload for payload, _ in chosen]
+                seconds = _median_seconds(lambda: worker.answer(requests), min_seconds)
+            found.append(Limit(workload, kind, batch, worker.tuning.threads, worker.precision, batch / seconds,
+                               seconds * 1000))
+            del worker
+    return found

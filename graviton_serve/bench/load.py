@@ -1,17 +1,22 @@
-"""Load generation: our or the stock archives in a real TorchServe on free ports, requests over REST
-or gRPC from a thread pool at a given concurrency, and the worker processes' CPU time and RSS."""
+"""Load generation: our or the stock archives in a real TorchServe on free ports; REST load from
+wrk (C, event loop, one thread: what it spends is reported), gRPC from a Python thread pool; the
+worker processes' CPU time and RSS."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import statistics
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import psutil
-import requests
 
 from graviton_serve.bench.results import LoadRun
 from graviton_serve.grpc_client import GrpcClient
@@ -19,6 +24,23 @@ from graviton_serve.paths import CONFIG_FILE
 from graviton_serve.progress import say
 from graviton_serve.server import TorchServe
 from graviton_serve.torchserve_config import Ports, read_properties, write_properties
+
+WRK_SCRIPT = Path(__file__).parent / "post_bodies.lua"
+WRK_TIMEOUT = "300s"  # wrk's default (2 s) would count stock's slow answers at c8 as errors
+
+
+def require_wrk() -> str:
+    """wrk's path; installed from the OS (Debian's wrk package) when missing and we are root."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    from graviton_serve.debian import apt_install
+
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise RuntimeError("scripts/bench needs wrk (the HTTP load client): install it, e.g. apt-get install wrk")
+    say("bench: installing wrk (the HTTP load client) with apt-get")
+    apt_install(["wrk"])
+    return shutil.which("wrk") or "wrk"
 
 
 def model_workers(server: TorchServe, model: str) -> list[psutil.Process]:
@@ -42,57 +64,89 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
-def run_load(server: TorchServe, workload: str, path: str, model: str, bodies: list[bytes], protocol: str,
-             concurrency: int, count: int, grpc: GrpcClient | None = None, warmup: int = 3) -> LoadRun:
+def _rss_mib(processes: list[psutil.Process]) -> int:
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.Error:
+            pass
+    return total >> 20
+
+
+def wrk_load(server: TorchServe, workload: str, path: str, model: str, body_files: list[Path], concurrency: int,
+             seconds: float, round_number: int) -> LoadRun:
+    """``seconds`` of POSTs from wrk (one thread, ``concurrency`` keep-alive connections), the
+    bodies in turn; the worker processes' CPU and wrk's own, from the kernel's accounting."""
     url = server.url("inference", f"predictions/{model}")
-    headers = {**server.auth(), "Content-Type": "application/octet-stream"}
-    session = requests.Session()
+    headers = [f"{key}: {value}" for key, value in {**server.auth(), "Content-Type": "application/octet-stream"}.items()]
+    command = [require_wrk(), "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", f"--timeout={WRK_TIMEOUT}",
+               "-s", str(WRK_SCRIPT), *[arg for header in headers for arg in ("-H", header)], url, "--",
+               *map(str, body_files)]
+    workers = model_workers(server, model)
+    cpu_before = _cpu_seconds(workers)
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)  # the kernel's count of wrk's own CPU time
+    process.returncode = os.waitstatus_to_exitcode(status)
+    stdout, stderr = process.stdout.read(), process.stderr.read()
+    wall = time.perf_counter() - started
+    cpu = _cpu_seconds(workers) - cpu_before
+    if process.returncode != 0:
+        raise RuntimeError(f"wrk failed ({process.returncode}): {stderr.strip()[-500:]}")
+    result = json.loads(next(line for line in stdout.splitlines() if line.startswith("{")))
+    requests = result["requests"]
+    return LoadRun(workload, path, "REST", concurrency, round_number, requests, result["duration_us"] / 1e6,
+                   result["p50_us"] / 1000, result["p90_us"] / 1000, result["p99_us"] / 1000, result["mean_us"] / 1000,
+                   result["errors"], cpu / max(1, requests), _rss_mib(workers),
+                   (usage.ru_utime + usage.ru_stime) / wall)
+
+
+def grpc_load(server: TorchServe, grpc: GrpcClient, workload: str, model: str, bodies: list[bytes], concurrency: int,
+              count: int, warmup: int = 3) -> LoadRun:
+    """``count`` gRPC Predictions calls from a thread pool (Python: gRPC has no wrk here)."""
 
     def one(number: int) -> tuple[float, bool]:
-        body = bodies[number % len(bodies)]
         started = time.perf_counter()
-        if protocol == "gRPC":
-            reply = json.loads(grpc.predict(model, {"data": body}))
-            ok = not (isinstance(reply, dict) and "code" in reply and "type" in reply)  # our error body
-        else:
-            ok = session.post(url, data=body, headers=headers, timeout=300).status_code == 200
+        reply = json.loads(grpc.predict(model, {"data": bodies[number % len(bodies)]}))
+        ok = not (isinstance(reply, dict) and "code" in reply and "type" in reply)  # our error body
         return (time.perf_counter() - started) * 1000, ok
 
     for number in range(warmup):
         one(number)
     workers = model_workers(server, model)
     cpu_before = _cpu_seconds(workers)
+    client_before = psutil.Process().cpu_times()
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         outcomes = list(pool.map(one, range(count)))
     seconds = time.perf_counter() - started
+    client_after = psutil.Process().cpu_times()
     cpu = _cpu_seconds(workers) - cpu_before
-    rss = sum(process.memory_info().rss for process in workers if process.is_running()) >> 20
-    return LoadRun(workload, path, protocol, concurrency, count, seconds, [ms for ms, _ in outcomes],
-                sum(not ok for _, ok in outcomes), cpu / count, rss)
+    latencies = sorted(ms for ms, _ in outcomes)
+
+    def percentile(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(round(q / 100 * (len(latencies) - 1))))]
+
+    client = (client_after.user + client_after.system) - (client_before.user + client_before.system)
+    return LoadRun(workload, "ours", "gRPC", concurrency, 1, count, seconds, percentile(50), percentile(90), percentile(99),
+                   statistics.mean(latencies), sum(not ok for _, ok in outcomes), cpu / count, _rss_mib(workers),
+                   client / seconds)
 
 
-def serve_and_load(label: str, archives: dict[str, Path], config: Path, plan: list[tuple[str, str, int]],
-                   bodies: dict[str, list[bytes]], count: int, path: str, on_cell) -> None:
-    """Start one TorchServe over ``archives`` (workload -> archive), run each (workload, protocol,
-    concurrency) of ``plan``, stop it."""
+@contextmanager
+def running(label: str, archives: list[Path], config: Path) -> Iterator[TorchServe]:
+    """One TorchServe over ``archives`` on free ports, for the block."""
     with tempfile.TemporaryDirectory(prefix=f"gs-bench-{label}-") as work:
         store = Path(work) / "store"
         store.mkdir()
-        for archive in archives.values():
+        for archive in archives:
             shutil.copy2(archive, store / archive.name)
         server = TorchServe(Path(work) / "run", store, config, ports=Ports.free())
-        say(f"bench: starting TorchServe ({label}) with {', '.join(a.stem for a in archives.values())}")
+        say(f"bench: starting TorchServe ({label}) with {', '.join(a.stem for a in archives)}")
         server.start(timeout=300)
         try:
-            with GrpcClient.from_key_file(server.key_file, inference_port=server.ports.grpc_inference,
-                                          management_port=server.ports.grpc_management, timeout=300) as grpc:
-                for workload, protocol, concurrency in plan:
-                    if workload not in archives:
-                        continue
-                    say(f"bench: {workload} {path} {protocol} concurrency {concurrency}, {count} requests")
-                    on_cell(run_load(server, workload, path, archives[workload].stem, bodies[workload], protocol,
-                                     concurrency, count, grpc))
+            yield server
         finally:
             server.stop()
 

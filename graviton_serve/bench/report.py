@@ -1,4 +1,8 @@
-"""Reporting: the Markdown tables, results.json and the throughput chart (PNG)."""
+"""Reporting: the Markdown tables, results.json and the throughput chart (PNG).
+
+Ratios are per round (ours and stock measured back to back), then summarised as the median of the
+rounds with their min–max; a cell with errors takes no part in a ratio (its row still shows it).
+"""
 
 from __future__ import annotations
 
@@ -10,18 +14,18 @@ from pathlib import Path
 
 import psutil
 
-from graviton_serve.bench.results import LoadRun, RawForward
+from graviton_serve.bench.results import Limit, LoadRun
 
-CELL_HEADER = ("| workload | path | protocol | concurrency | requests | throughput (req/s) | p50 (ms) | p90 (ms) | "
-               "p99 (ms) | mean (ms) | errors (%) | worker CPU (s/req) | worker RSS (MiB) |\n"
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+CELL_HEADER = ("| workload | path | protocol | concurrency | round | requests | seconds | throughput (req/s) | p50 (ms) | "
+               "p90 (ms) | p99 (ms) | mean (ms) | errors | worker CPU (s/req) | worker RSS (MiB) | client CPU (cores) |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+FORWARD, SERVING = "forward (fp32)", "serving"
 
 
 def load_run_row(cell: LoadRun) -> str:
-    return (f"| {cell.workload} | {cell.path} | {cell.protocol} | {cell.concurrency} | {cell.requests} | "
-            f"{cell.throughput:.2f} | {cell.percentile(50):.0f} | {cell.percentile(90):.0f} | {cell.percentile(99):.0f} | "
-            f"{statistics.mean(cell.latencies_ms):.0f} | {100 * cell.errors / cell.requests:.1f} | "
-            f"{cell.cpu_s_per_request:.3f} | {cell.rss_mib} |")
+    return (f"| {cell.workload} | {cell.path} | {cell.protocol} | {cell.concurrency} | {cell.round} | {cell.requests} | "
+            f"{cell.seconds:.1f} | {cell.throughput:.2f} | {cell.p50_ms:.0f} | {cell.p90_ms:.0f} | {cell.p99_ms:.0f} | "
+            f"{cell.mean_ms:.0f} | {cell.errors} | {cell.cpu_s_per_request:.3f} | {cell.rss_mib} | {cell.client_cpu_share:.2f} |")
 
 
 def machine_line() -> str:
@@ -34,71 +38,85 @@ def machine_line() -> str:
             f"{platform.machine()}; torch {torch.__version__}, TorchServe {ts.__version__}")
 
 
-def summary(cells: list[LoadRun], limits: dict[str, RawForward]) -> str:
-    """Per workload, at the highest REST concurrency: ours against stock and against the limit."""
-    lines = ["| workload | ours (req/s) | stock (req/s) | limit (items/s) | ours/stock | ours/limit | ours p99 (ms) | stock p99 (ms) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for workload in dict.fromkeys(cell.workload for cell in cells):
-        rest = [cell for cell in cells if cell.workload == workload and cell.protocol == "REST"]
-        top = max(cell.concurrency for cell in rest)
-        ours = _clean(next((c for c in rest if c.path == "ours" and c.concurrency == top), None))
-        stock = _clean(next((c for c in rest if c.path == "stock" and c.concurrency == top), None))
-        limit = limits.get(workload)
-        lines.append(
-            f"| {workload} (c{top}) | {_f(ours and ours.throughput)} | {_f(stock and stock.throughput)} | "
-            f"{_f(limit and limit.items_per_s)} | {_ratio(ours, stock and stock.throughput)} | "
-            f"{_ratio(ours, limit and limit.items_per_s)} | {_f(ours and ours.percentile(99), 0)} | "
-            f"{_f(stock and stock.percentile(99), 0)} |")
+def _rest(cells: list[LoadRun], workload: str, path: str, concurrency: int) -> dict[int, LoadRun]:
+    """round -> the clean REST cell of that path and concurrency."""
+    return {c.round: c for c in cells if c.workload == workload and c.path == path and c.protocol == "REST"
+            and c.concurrency == concurrency and c.errors == 0}
+
+
+def _spread(values: list[float], unit: str = "×", digits: int = 2) -> str:
+    """median (min–max) of the rounds."""
+    if not values:
+        return "—"
+    median = statistics.median(values)
+    if len(values) == 1:
+        return f"{median:.{digits}f}{unit}"
+    return f"{median:.{digits}f}{unit} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def ratios(cells: list[LoadRun], limits: list[Limit]) -> dict[str, dict[str, list[float]]]:
+    """Per workload, the per-round figures the summary reports (also in results.json)."""
+    found = {}
+    for workload in dict.fromkeys(c.workload for c in cells):
+        top = max(c.concurrency for c in cells if c.workload == workload and c.protocol == "REST")
+        ours, stock = _rest(cells, workload, "ours", top), _rest(cells, workload, "stock", top)
+        ours_c1, stock_c1 = _rest(cells, workload, "ours", 1), _rest(cells, workload, "stock", 1)
+        limit = {l.kind: l.items_per_s for l in limits if l.workload == workload}
+        found[workload] = {
+            "concurrency": [top],
+            "ours": [c.throughput for c in ours.values()],
+            "stock": [c.throughput for c in stock.values()],
+            "ours/stock": [ours[r].throughput / stock[r].throughput for r in ours if r in stock],
+            "ours/forward": [c.throughput / limit[FORWARD] for c in ours.values()] if FORWARD in limit else [],
+            "ours/serving": [c.throughput / limit[SERVING] for c in ours.values()] if SERVING in limit else [],
+            "ours c1 p50": [c.p50_ms for c in ours_c1.values()],
+            "stock c1 p50": [c.p50_ms for c in stock_c1.values()],
+            "c1 p50 ours/stock": [ours_c1[r].p50_ms / stock_c1[r].p50_ms for r in ours_c1 if r in stock_c1],
+        }
+    return found
+
+
+def summary(cells: list[LoadRun], limits: list[Limit]) -> str:
+    lines = ["| workload | ours (req/s) | stock (req/s) | ours/stock | ours/forward limit (fp32) | ours/serving limit | "
+             "ours c1 p50 (ms) | stock c1 p50 (ms) | c1 p50 ours/stock |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for workload, r in ratios(cells, limits).items():
+        lines.append(f"| {workload} (c{r['concurrency'][0]}) | {_spread(r['ours'], '')} | {_spread(r['stock'], '')} | "
+                     f"{_spread(r['ours/stock'])} | {_spread(r['ours/forward'])} | {_spread(r['ours/serving'])} | "
+                     f"{_spread(r['ours c1 p50'], '', 0)} | {_spread(r['stock c1 p50'], '', 0)} | {_spread(r['c1 p50 ours/stock'])} |")
     return "\n".join(lines)
 
 
-def _clean(cell: LoadRun | None) -> LoadRun | None:
-    """A run with errors is no figure to compare (its table row still shows it)."""
-    return cell if cell is not None and cell.errors == 0 else None
-
-
-def _f(value: float | None, digits: int = 2) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _ratio(ours: LoadRun | None, reference: float | None) -> str:
-    return "—" if not ours or not reference else f"{ours.throughput / reference:.2f}×"
-
-
-def limits_table(limits: dict[str, RawForward]) -> str:
-    lines = ["| workload | batch | threads | precision | forward (ms) | items/s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {l.workload} | {l.batch} | {l.threads} | {l.precision} | {l.forward_ms:.0f} | {l.items_per_s:.2f} |"
-              for l in limits.values()]
+def limits_table(limits: list[Limit]) -> str:
+    lines = ["| workload | limit | batch | threads | precision | batch (ms) | items/s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {l.workload} | {l.kind} | {l.batch} | {l.threads} | {l.precision} | {l.batch_ms:.0f} | {l.items_per_s:.2f} |"
+              for l in limits]
     return "\n".join(lines)
 
 
-def chart(cells: list[LoadRun], limits: dict[str, RawForward], path: Path) -> None:
-    """Ours and stock as a share of the raw-forward limit (so MNIST and DenseNet share one
-    scale), each bar labelled with its req/s."""
+def chart(cells: list[LoadRun], limits: list[Limit], path: Path) -> None:
+    """Ours and stock (median of the rounds) as a share of the serving limit, so MNIST and
+    DenseNet share one scale; each bar labelled with its req/s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = [w for w in dict.fromkeys(cell.workload for cell in cells) if w in limits]
+    serving = {l.workload: l.items_per_s for l in limits if l.kind == SERVING}
+    found = {w: r for w, r in ratios(cells, limits).items() if w in serving}
+    workloads = list(found)
     figure, axis = plt.subplots(figsize=(10, 4.5))
     width = 0.38
     for offset, (name, label) in enumerate((("ours", "graviton-serve"), ("stock", "stock TorchServe"))):
-        shares, texts = [], []
-        for workload in workloads:
-            rest = [c for c in cells if c.workload == workload and c.protocol == "REST"]
-            top = max(c.concurrency for c in rest)
-            cell = _clean(next((c for c in rest if c.path == name and c.concurrency == top), None))
-            shares.append(100 * cell.throughput / limits[workload].items_per_s if cell else 0)
-            texts.append(f"{cell.throughput:.1f}/s" if cell else "n/a")
+        medians = [statistics.median(found[w][name]) if found[w][name] else 0.0 for w in workloads]
+        shares = [100 * m / serving[w] for m, w in zip(medians, workloads)]
         bars = axis.bar([i + (offset - 0.5) * width for i in range(len(workloads))], shares, width, label=label)
-        axis.bar_label(bars, labels=texts, fontsize=7)
+        axis.bar_label(bars, labels=[f"{m:.1f}/s" if m else "n/a" for m in medians], fontsize=7)
     axis.axhline(100, color="grey", linestyle="--", linewidth=1)
-    axis.set_xticks(range(len(workloads)), [f"{w}\n(limit {limits[w].items_per_s:.1f}/s)" for w in workloads], fontsize=8)
-    axis.set_ylabel("% of the raw-forward limit")
-    axis.set_ylim(0, 110)
-    top_concurrency = max(c.concurrency for c in cells if c.protocol == "REST")
-    axis.set_title(f"Throughput over REST at concurrency {top_concurrency}, as a share of the model's raw forward\n"
+    axis.set_xticks(range(len(workloads)), [f"{w}\n(serving limit {serving[w]:.1f}/s)" for w in workloads], fontsize=8)
+    axis.set_ylabel("% of the serving limit (median of rounds)")
+    top = max((c.concurrency for c in cells if c.protocol == "REST"), default=0)
+    axis.set_title(f"Throughput over REST at concurrency {top}, as a share of decode + forward in one process\n"
                    f"{machine_line()}", fontsize=9)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -106,20 +124,21 @@ def chart(cells: list[LoadRun], limits: dict[str, RawForward], path: Path) -> No
     plt.close(figure)
 
 
-def report(cells: list[LoadRun], limits: dict[str, RawForward], out: Path) -> str:
+def report(cells: list[LoadRun], limits: list[Limit], out: Path) -> str:
+    rounds = max((c.round for c in cells), default=0)
     text = "\n\n".join([
         f"Machine: {machine_line()}",
-        "Ours against stock and the limit:\n\n" + summary(cells, limits),
+        f"Ours against stock and the limits, REST from wrk; median of {rounds} rounds (min–max):\n\n" + summary(cells, limits),
         "Every load run:\n\n" + CELL_HEADER + "\n" + "\n".join(load_run_row(cell) for cell in cells),
-        "The limit (raw collate + forward in one process, no server):\n\n" + limits_table(limits),
+        "The limits (our handler in one process, no server, one full batch):\n\n" + limits_table(limits),
     ]) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({
         "machine": machine_line(),
-        "cells": [{**asdict(cell), "throughput": cell.throughput, "p50": cell.percentile(50), "p90": cell.percentile(90),
-                   "p99": cell.percentile(99)} for cell in cells],
-        "limits": [asdict(limit) for limit in limits.values()],
+        "ratios": ratios(cells, limits),
+        "cells": [{**asdict(cell), "throughput": cell.throughput} for cell in cells],
+        "limits": [asdict(limit) for limit in limits],
     }, indent=1))
     chart(cells, limits, out / "throughput.png")
     return text

@@ -1,8 +1,8 @@
-"""What the bench measures: a workload, one load run (a cell of the table), one raw-forward limit."""
+"""What the bench measures: a workload, one load run (a cell of the table), the limits."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -16,33 +16,37 @@ class Workload:
 
 @dataclass
 class LoadRun:
-    """One load run: a workload on one path, protocol and concurrency."""
+    """One load run: a workload on one path, protocol and concurrency, in one round."""
 
     workload: str
     path: str  # "ours" or "stock"
-    protocol: str  # "REST" or "gRPC"
+    protocol: str  # "REST" (wrk) or "gRPC" (Python client)
     concurrency: int
-    requests: int
+    round: int  # 1, 2, ...: ours and stock alternate within a round
+    requests: int  # completed
     seconds: float
-    latencies_ms: list[float] = field(repr=False)
-    errors: int
-    cpu_s_per_request: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    errors: int  # non-2xx answers, connection errors and timeouts
+    cpu_s_per_request: float  # the model's worker processes
     rss_mib: int
+    client_cpu_share: float  # the load client's CPU time over the cell's wall time (1.0 = one core)
 
     @property
     def throughput(self) -> float:
         return self.requests / self.seconds
 
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
 
 @dataclass
-class RawForward:
+class Limit:
+    """One process, no server, our handler on one full batch of the bench's bodies."""
+
     workload: str
+    kind: str  # "forward (fp32)": collate + forward in fp32; "serving": decode + collate + forward + encode, as served
     batch: int
     threads: int
     precision: str
     items_per_s: float
-    forward_ms: float
+    batch_ms: float

@@ -1,41 +1,64 @@
-"""The whole bench run: ours (REST and gRPC), stock (REST), the limit, then the report."""
+"""The whole bench run, workload by workload: our server and stock's up side by side, cells
+alternated ours/stock in rounds (ABAB, then BABA: drift hits both), the limits, then the report."""
 
 from __future__ import annotations
 
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
-from graviton_serve.bench.limit import raw_limit
-from graviton_serve.bench.load import serve_and_load, stock_config
+from graviton_serve.bench.limit import limits as measure_limits
+from graviton_serve.bench.load import grpc_load, require_wrk, running, stock_config, wrk_load
 from graviton_serve.bench.report import CELL_HEADER, load_run_row, report
-from graviton_serve.bench.results import LoadRun, RawForward, Workload
+from graviton_serve.bench.results import Limit, LoadRun, Workload
+from graviton_serve.grpc_client import GrpcClient
 from graviton_serve.paths import CONFIG_FILE
 from graviton_serve.progress import say
 
+WARM_UP_S = 3  # per server and workload, at the highest concurrency, not reported
 
-def benchmark(workloads: list[Workload], rest_concurrencies: list[int], grpc_concurrencies: list[int], count: int,
-              out: Path, with_stock: bool = True, with_limit: bool = True) -> str:
+
+def benchmark(workloads: list[Workload], concurrencies: list[int], grpc_concurrencies: list[int], grpc_requests: int,
+              seconds: float, rounds: int, out: Path, with_stock: bool = True, with_limit: bool = True) -> str:
+    require_wrk()
     cells: list[LoadRun] = []
+    limits: list[Limit] = []
 
     def keep(cell: LoadRun) -> None:
         cells.append(cell)
         print((CELL_HEADER + "\n" if len(cells) == 1 else "") + load_run_row(cell), flush=True)
 
-    bodies = {w.name: w.bodies for w in workloads}
-    plan = [(w.name, "REST", c) for w in workloads for c in rest_concurrencies]
-    plan += [(w.name, "gRPC", c) for w in workloads for c in grpc_concurrencies]
-    plan.sort(key=lambda step: [w.name for w in workloads].index(step[0]))
-    serve_and_load("ours", {w.name: w.ours for w in workloads}, CONFIG_FILE, plan, bodies, count, "ours", keep)
-    stock = {w.name: w.stock for w in workloads if w.stock is not None}
-    if with_stock and stock:
-        with tempfile.TemporaryDirectory(prefix="gs-bench-stock-config-") as work:
-            stock_plan = [(name, "REST", c) for name in stock for c in rest_concurrencies]
-            serve_and_load("stock", stock, stock_config(Path(work)), stock_plan, bodies, count, "stock", keep)
-    limits: dict[str, RawForward] = {}
-    if with_limit:
-        for w in workloads:
-            say(f"bench: {w.name} raw forward (the limit)")
-            limits[w.name] = raw_limit(w.name, w.ours, w.bodies)
+    with tempfile.TemporaryDirectory(prefix="gs-bench-") as work:
+        stock_properties = stock_config(Path(work))
+        for workload in workloads:
+            body_files = []
+            for index, body in enumerate(workload.bodies):
+                body_files.append(Path(work) / f"{workload.name}-{index}.body")
+                body_files[-1].write_bytes(body)
+            with ExitStack() as stack:
+                servers = {"ours": (stack.enter_context(running("ours", [workload.ours], CONFIG_FILE)), workload.ours.stem)}
+                if with_stock and workload.stock is not None:
+                    servers["stock"] = (stack.enter_context(running("stock", [workload.stock], stock_properties)),
+                                        workload.stock.stem)
+                for path, (server, model) in servers.items():
+                    wrk_load(server, workload.name, path, model, body_files, max(concurrencies), WARM_UP_S, 0)
+                for round_number in range(1, rounds + 1):
+                    order = list(servers) if round_number % 2 else list(reversed(servers))
+                    for concurrency in concurrencies:
+                        for path in order:
+                            server, model = servers[path]
+                            say(f"bench: {workload.name} round {round_number}/{rounds}: {path} REST c{concurrency}, {seconds:g} s")
+                            keep(wrk_load(server, workload.name, path, model, body_files, concurrency, seconds, round_number))
+                server, model = servers["ours"]
+                if grpc_concurrencies:
+                    with GrpcClient.from_key_file(server.key_file, inference_port=server.ports.grpc_inference,
+                                                  management_port=server.ports.grpc_management, timeout=300) as grpc:
+                        for concurrency in grpc_concurrencies:
+                            say(f"bench: {workload.name}: ours gRPC c{concurrency}, {grpc_requests} requests")
+                            keep(grpc_load(server, grpc, workload.name, model, workload.bodies, concurrency, grpc_requests))
+            if with_limit:
+                say(f"bench: {workload.name}: the limits (forward fp32, serving), in this process")
+                limits += measure_limits(workload.name, workload.ours, workload.bodies)
     text = report(cells, limits, out)
     print("\n" + text, flush=True)
     say(f"bench: results in {out / 'results.md'}, chart {out / 'throughput.png'}")
