@@ -104,10 +104,14 @@ INT8_METADATA_KEY = "int8"  # metadata.json: {"metric", "fp32", "int8", "example
 
 def int8_engine(is_arm: bool) -> str | None:
     """The quantized engine for dynamic int8 here, or None. x86: "x86" (torch's default there:
-    fbgemm's kernels and oneDNN's). aarch64: "onednn", which runs ``qlinear_dynamic`` on Arm
-    Compute Library's int8 GEMMs (pytorch/pytorch#126687, then ACL directly, #148585); torch 2.14's
-    aarch64 wheel reports "x86" as its default engine and fails "fbgemm" (unknown architecture)."""
-    preferred = ("onednn", "qnnpack") if is_arm else ("x86", "fbgemm", "onednn")
+    fbgemm's kernels and oneDNN's). aarch64: "qnnpack". Not "onednn" (Arm Compute Library's
+    int8 GEMMs, pytorch/pytorch#126687 and #148585, faster by their figures): on torch 2.14.1's
+    aarch64 wheel under qemu (Neoverse-V1 and -N1 alike) it answered right only for the first
+    input shape it saw and wrong for every other (a BERT's "positive" 0.76 became "negative"
+    0.94), while qnnpack matched fp32 on every shape. Whether real Graviton hardware does the
+    same was not tried; the guard runs the check inputs as one batch and one by one either way.
+    torch's aarch64 default is "x86", which there is the same path as "onednn"."""
+    preferred = ("qnnpack", "onednn") if is_arm else ("x86", "fbgemm", "onednn")
     supported = torch.backends.quantized.supported_engines
     return next((engine for engine in preferred if engine in supported), None)
 

@@ -127,8 +127,8 @@ class Worker:
 
     def _choose_precision(self, check_items: list) -> tuple[str, torch.nn.Module, str]:
         """(precision, the module its forwards run, why). Each candidate must keep the fp32
-        top-1 of the check inputs; int8 must also not have lost held-out accuracy at build
-        (auto: a measurement must exist). Asked for one: it, if it passed. auto: fp32 and the
+        top-1 of the check inputs, run as one batch and one by one; int8 must also not have lost
+        held-out accuracy at build (auto: a measurement must exist). Asked for one: it, if it passed. auto: fp32 and the
         passed ones timed on the check inputs, the fastest kept."""
         candidates = self.tuning.candidates
         if not check_items:
@@ -145,7 +145,11 @@ class Worker:
                     continue
                 verdicts.append(words if held_out else f"int8 unproven: {words}")
                 module = acceleration.int8_model(self.model, self.tuning.int8_engine)
-            ok, words = acceleration.accuracy_guard(precision, reference, self._run(module, check_items, precision))
+            # As one batch and one by one: a kernel may go wrong for a shape it did not see first
+            # (torch 2.14's aarch64 int8 on the onednn engine did, under emulation).
+            outputs = self._run(module, check_items, precision)
+            alone = [output for item in check_items for output in self._run(module, [item], precision)]
+            ok, words = acceleration.accuracy_guard(precision, reference + reference, outputs + alone)
             verdicts.append(words)
             if ok:
                 passed[precision] = module

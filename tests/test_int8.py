@@ -68,7 +68,7 @@ def test_guard_refuses_int8_whose_answers_drift(tmp_path, caplog):
     caplog.set_level("INFO")
     service = int8_probe(tmp_path, "int8_drifts", "int8", HELD_OUT_KEPT)
     assert service._entry_point.worker.precision == "fp32"
-    assert "accuracy guard failed: int8 top-1 agrees with fp32 on only 0.0% of 2" in tuning_lines(caplog)[-1]
+    assert "accuracy guard failed: int8 top-1 agrees with fp32 on only 0.0% of 4" in tuning_lines(caplog)[-1]  # 2 as a batch, 2 alone
     (reply,) = predict(service, [request(b"1")])
     assert reply.json() == {"top": 1, "type": "Linear"}  # fp32's answer, from the fp32 layer
     # The same model through int8 would have answered row 0: the probe really drifts.
@@ -133,3 +133,10 @@ def test_int8_is_refused_at_load_by_a_family_that_does_not_offer_it(tmp_path):
     load_model_dir(tmp_path, TESTS / "probe_handler.py", "probe", {"handler": {"precision": "int8"}})
     with pytest.raises(ValueError, match=r"'handler\.precision' is invalid: int8 .* not by ProbeHandler"):
         load_service(tmp_path, "probe_handler.py:handle", name="probe")
+
+
+def test_guard_runs_the_check_inputs_one_by_one_too(tmp_path, caplog):
+    caplog.set_level("INFO")
+    worker = int8_probe(tmp_path, "int8_first_shape_only", "int8", HELD_OUT_KEPT)._entry_point.worker
+    assert worker.precision == "fp32"
+    assert "accuracy guard failed: int8 top-1 agrees with fp32 on only 50.0% of 4" in tuning_lines(caplog)[-1]
