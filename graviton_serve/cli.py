@@ -153,7 +153,7 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8], help="REST concurrencies (ours and stock)")
-    parser.add_argument("--seconds", type=float, default=20, help="length of each REST cell (wrk)")
+    parser.add_argument("--seconds", type=float, default=15, help="length of each REST cell (wrk)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of ours/stock cells, alternating (at least 3 for the README)")
     parser.add_argument("--grpc-concurrency", nargs="*", type=int, default=[8], help="gRPC concurrencies (ours, once)")
     parser.add_argument("--grpc-requests", type=int, default=40, help="requests per gRPC cell")

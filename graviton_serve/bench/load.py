@@ -74,10 +74,25 @@ def _rss_mib(processes: list[psutil.Process]) -> int:
     return total >> 20
 
 
+def settle(server: TorchServe, model: str, timeout: float = 300.0) -> None:
+    """Wait until the model has nothing queued and its workers are idle: wrk stops sending when
+    its time is up, but what it sent last is still being answered, and would otherwise run into
+    the next cell (on the other server)."""
+    workers = model_workers(server, model)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = _cpu_seconds(workers)
+        time.sleep(0.3)
+        if server.management(timeout=10).pending_requests(model) == 0 and _cpu_seconds(workers) - before < 0.03:
+            return
+    raise RuntimeError(f"{model} still busy {timeout:.0f} s after its load ended")
+
+
 def wrk_load(server: TorchServe, workload: str, path: str, model: str, body_files: list[Path], concurrency: int,
              seconds: float, round_number: int) -> LoadRun:
     """``seconds`` of POSTs from wrk (one thread, ``concurrency`` keep-alive connections), the
-    bodies in turn; the worker processes' CPU and wrk's own, from the kernel's accounting."""
+    bodies in turn; the worker processes' CPU and wrk's own, from the kernel's accounting. Returns
+    once the server has answered what was still in flight (not counted: wrk had stopped)."""
     url = server.url("inference", f"predictions/{model}")
     headers = [f"{key}: {value}" for key, value in {**server.auth(), "Content-Type": "application/octet-stream"}.items()]
     command = [require_wrk(), "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", f"--timeout={WRK_TIMEOUT}",
@@ -94,6 +109,7 @@ def wrk_load(server: TorchServe, workload: str, path: str, model: str, body_file
     cpu = _cpu_seconds(workers) - cpu_before
     if process.returncode != 0:
         raise RuntimeError(f"wrk failed ({process.returncode}): {stderr.strip()[-500:]}")
+    settle(server, model)
     result = json.loads(next(line for line in stdout.splitlines() if line.startswith("{")))
     requests = result["requests"]
     return LoadRun(workload, path, "REST", concurrency, round_number, requests, result["duration_us"] / 1e6,

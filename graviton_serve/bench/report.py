@@ -1,7 +1,7 @@
 """Reporting: the Markdown tables, results.json and the throughput chart (PNG).
 
 Ratios are per round (ours and stock measured back to back), then summarised as the median of the
-rounds with their min–max; a cell with errors takes no part in a ratio (its row still shows it).
+rounds with their min–max; a cell with errors takes no part in a ratio (its row still shows it), nor does one that completed no request within its time.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def machine_line() -> str:
 
 
 def _rest(cells: list[LoadRun], workload: str, path: str, concurrency: int) -> dict[int, LoadRun]:
-    """round -> the clean REST cell of that path and concurrency."""
+    """round -> the clean REST cell of that path and concurrency (no errors, some answers)."""
     return {c.round: c for c in cells if c.workload == workload and c.path == path and c.protocol == "REST"
-            and c.concurrency == concurrency and c.errors == 0}
+            and c.concurrency == concurrency and c.errors == 0 and c.requests > 0}
 
 
 def _spread(values: list[float], unit: str = "×", digits: int = 2) -> str:
