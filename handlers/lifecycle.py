@@ -167,7 +167,8 @@ class Worker:
 
     def handle(self, data: list, context: Any, enveloped: bool = False) -> list:
         if torchserve_wire.is_describe(context):
-            return [json.dumps({"model": self.model_name, **self.metadata})]
+            # The archive's metadata, and the precision this worker chose (auto decides it at start).
+            return [json.dumps({"model": self.model_name, **self.metadata, "serving": {"precision": self.precision}})]
         if enveloped:
             # KServe v1 instances / v2 inputs of ONE request are the batch; the envelope wraps our
             # list into one reply (status 200), so a failed instance carries its error body in place.

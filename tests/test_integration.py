@@ -70,6 +70,7 @@ def test_grpc_ping_list_describe(grpc_client):
     assert described["customizedMetadata"]["held_out_accuracy"] >= 0.97
     int8 = described["customizedMetadata"]["int8"]  # int8's held-out guard, measured at build
     assert int8["examples"] == 1000 and abs(int8["fp32"] - int8["int8"]) <= 0.01
+    assert described["customizedMetadata"]["serving"]["precision"] in ("fp32", "int8")  # what auto chose
 
 
 def test_grpc_bad_input_gets_the_error_body_and_the_stream_survives(mnist_server, grpc_client):

@@ -75,5 +75,4 @@ def limits(workload: str, archive: Path, bodies: list[bytes], min_seconds: float
                 seconds = _median_seconds(lambda: worker.answer(requests), min_seconds)
             found.append(Limit(workload, kind, batch, worker.tuning.threads, worker.precision, batch / seconds,
                                seconds * 1000))
-            del worker
     return found
