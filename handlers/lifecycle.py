@@ -128,8 +128,8 @@ class Worker:
     def _choose_precision(self, check_items: list) -> tuple[str, torch.nn.Module, str]:
         """(precision, the module its forwards run, why). Each candidate must keep the fp32
         top-1 of the check inputs, run as one batch and one by one; int8 must also not have lost
-        held-out accuracy at build (auto: a measurement must exist). Asked for one: it, if it passed. auto: fp32 and the
-        passed ones timed on the check inputs, the fastest kept."""
+        held-out accuracy at build (auto: a measurement must exist). Asked for one: it, if it
+        passed. auto: fp32 and the passed ones timed on the check inputs, the fastest kept."""
         candidates = self.tuning.candidates
         if not check_items:
             return "fp32", self.model, f"{', '.join(candidates)} refused: the model has no check inputs for the accuracy guard"
