@@ -109,6 +109,7 @@ class TorchServe:
             {key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
             core_lock_dir=str(self.run_dir / "cores"),
             busy_dir=str(self.busy_dir),
+            precision_cache_dir=str(self.run_dir / "precision"),  # kept across restarts of this run folder
         )
         env.update(
             JAVA_HOME=str(find_java_home()),

@@ -20,6 +20,7 @@ AARCH64_LAUNCH_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 FAST_MATH_VAR = "DNNL_DEFAULT_FPMATH_MODE"
 CORE_LOCK_DIR_VAR = "GS_CORE_LOCK_DIR"  # one folder per server: its workers' core claims
 BUSY_DIR_VAR = "GS_BUSY_DIR"  # one folder per server: a file per worker while it handles a batch (for draining)
+PRECISION_CACHE_DIR_VAR = "GS_PRECISION_CACHE_DIR"  # auto's kept outcomes (handlers.auto_precision); the operator's wins
 
 
 def launch_settings(features: CpuFeatures | None = None) -> dict[str, str]:
@@ -30,7 +31,9 @@ def launch_settings(features: CpuFeatures | None = None) -> dict[str, str]:
 
 
 def launch_environment(environ: dict[str, str], core_lock_dir: str, busy_dir: str = "",
-                       features: CpuFeatures | None = None) -> dict[str, str]:
-    """``environ`` plus our launch settings; a value the operator already set wins."""
+                       features: CpuFeatures | None = None, precision_cache_dir: str = "") -> dict[str, str]:
+    """``environ`` plus our launch settings; a value the operator already set wins (the
+    server's own folders for core claims and busy markers excepted)."""
+    kept = {PRECISION_CACHE_DIR_VAR: precision_cache_dir} if precision_cache_dir else {}
     folders = {CORE_LOCK_DIR_VAR: core_lock_dir, **({BUSY_DIR_VAR: busy_dir} if busy_dir else {})}
-    return {**launch_settings(features), **environ, **folders}
+    return {**launch_settings(features), **kept, **environ, **folders}

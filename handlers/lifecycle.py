@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from handlers import acceleration, torchserve_wire, tuning
+from handlers import acceleration, auto_precision, torchserve_wire, tuning
 from handlers.errors import error_body, kind_of
 from handlers.model_handler import ModelHandler
 from handlers.payload import Payload
@@ -102,7 +102,7 @@ class Worker:
         # What forwards run: fp32, or its int8 copy once chosen; self.runner is it or its compiled form.
         self.model = handler.load(self.model_dir, serialized_file, self.settings, self.device).to(self.device).eval()
         self.runner = self.model
-        self.precision = "fp32"
+        self.precision, self.precision_why = "fp32", self.tuning.precision_reason
         self._accelerate()
 
     def _accelerate(self) -> None:
@@ -117,6 +117,7 @@ class Worker:
             self.runner = self.model
             if self.precision == "fp32" and self.tuning.fpmath_env:
                 why += f"; {tuning.ONEDNN_KEPT_OUT}"
+            self.precision_why = why
             log.info("%s: tuning: precision=%s (%s)", self.model_name, self.precision, why)
         if wants_compile and not check_items:
             log.warning("%s: tuning: compile skipped: no check inputs to compile and prove it on; eager", self.model_name)
@@ -129,7 +130,8 @@ class Worker:
         """(precision, the module its forwards run, why). Each candidate must keep the fp32
         top-1 of the check inputs, run as one batch and one by one; int8 must also not have lost
         held-out accuracy at build (auto: a measurement must exist). Asked for one: it, if it
-        passed. auto: fp32 and the passed ones timed on the check inputs, the fastest kept."""
+        passed. auto: fp32 and the passed ones timed on the check inputs, the fastest kept
+        (handlers.auto_precision: timed one worker at a time, kept for later starts)."""
         candidates = self.tuning.candidates
         if not check_items:
             return "fp32", self.model, f"{', '.join(candidates)} refused: the model has no check inputs for the accuracy guard"
@@ -158,17 +160,19 @@ class Worker:
         if self.tuning.requested != "auto":
             ((precision, module),) = [(p, m) for p, m in passed.items() if p != "fp32"]
             return precision, module, "; ".join(reversed(verdicts))  # the guard's verdict first
-        best, seconds = acceleration.fastest(lambda p: self._run(passed[p], check_items, p), list(passed))
-        timings = ", ".join(f"{p} {1000 * s:.1f} ms" for p, s in seconds.items())
-        return best, passed[best], (f"auto: fastest that passed its guards, timed on {len(check_items)} check inputs "
-                                    f"as one batch: {timings}; " + "; ".join(verdicts))
+        key = auto_precision.outcome_key(self.model_dir, self.tuning.cpu, torch.__version__, str(self.device),
+                                         self.tuning.threads, list(passed))
+        outcome = auto_precision.auto_outcome(self.model_name, key, lambda: auto_precision.fastest(
+            lambda p: self._run(passed[p], check_items, p), list(passed)))
+        return outcome.precision, passed[outcome.precision], outcome.words(len(check_items)) + "; " + "; ".join(verdicts)
 
     # -- one batch --------------------------------------------------------------------------------
 
     def handle(self, data: list, context: Any, enveloped: bool = False) -> list:
         if torchserve_wire.is_describe(context):
             # The archive's metadata, and the precision this worker chose (auto decides it at start).
-            return [json.dumps({"model": self.model_name, **self.metadata, "serving": {"precision": self.precision}})]
+            serving = {"precision": self.precision, "precision_why": self.precision_why}
+            return [json.dumps({"model": self.model_name, **self.metadata, "serving": serving})]
         if enveloped:
             # KServe v1 instances / v2 inputs of ONE request are the batch; the envelope wraps our
             # list into one reply (status 200), so a failed instance carries its error body in place.

@@ -235,6 +235,8 @@ class Tuning:
     fast_math: str  # how bf16 runs on this CPU: acceleration.FAST_MATH_SWITCHES / _ENVIRONMENT, "" (autocast)
     fpmath_env: bool  # the operator made bf16 oneDNN's default for the whole process
     int8_engine: str | None  # the quantized engine for int8, where the model family offers it
+    precision_reason: str  # why these candidates (the tuning line's words)
+    cpu: str  # the CPU's model and kernel-relevant features (CpuFeatures.identity): part of auto's cache key
 
 
 def configure(model_name: str, device: torch.device, requested_precision: str, cores_wanted: int = 0,
@@ -272,11 +274,12 @@ def configure(model_name: str, device: torch.device, requested_precision: str, c
         precision = "fp32"
     elif requested_precision == "auto":
         precision = f"auto of fp32, {', '.join(candidates)}"
-        precision_reason += "; each timed on the check inputs if its guards pass (next line)"
+        precision_reason += "; each timed on the check inputs if its guards pass, or auto's cached outcome (next line)"
     else:
         precision = candidates[0]
         precision_reason += ", if the accuracy guard passes (next line)"
     reason = (f"threads={threads} {interop} ({thread_reason}); precision={precision} ({precision_reason}); "
               f"{launch_env_report(features=features)}")
     log.info("%s: tuning: device=%s %s", model_name, device, reason)
-    return Tuning(threads, requested_precision, candidates, claim, fast_math, fpmath_env, engine)
+    return Tuning(threads, requested_precision, candidates, claim, fast_math, fpmath_env, engine, precision_reason,
+                  features.identity)

@@ -14,8 +14,16 @@ from graviton_serve.demo_store import build_demo_store
 from graviton_serve.paths import CONFIG_FILE, MODEL_STORE
 from graviton_serve.server import TorchServe
 from graviton_serve.torchserve_config import Ports
+from handlers.launch import PRECISION_CACHE_DIR_VAR
 
 TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def own_precision_cache(tmp_path_factory, monkeypatch):
+    """Each test's in-process workers keep auto's outcomes in a folder of their own, so no test
+    reuses another's timing (servers started by a test's fixtures keep theirs in their run folder)."""
+    monkeypatch.setenv(PRECISION_CACHE_DIR_VAR, str(tmp_path_factory.mktemp("precision-cache")))
 
 
 @pytest.fixture(scope="session")

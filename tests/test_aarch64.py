@@ -32,7 +32,8 @@ from graviton_serve.families import family, for_task
 from graviton_serve.demo_text import LABELS, minilm_dir
 from graviton_serve.paths import HANDLERS_DIR, ROOT
 from graviton_serve.sample_data import photo
-from handlers.acceleration import AUTO_MIN_GAIN
+from handlers.auto_precision import AUTO_MIN_GAIN
+from handlers.launch import PRECISION_CACHE_DIR_VAR
 from tests.conftest import TESTS
 from graviton_serve import debian
 from tests.aarch64_driver import MARK, serve
@@ -178,7 +179,8 @@ def emulate(arm: aarch64_root.Aarch64Python, cpu: str, job: dict, folder: Path, 
     job_file.write_text(json.dumps(job, default=str))
     completed = subprocess.run(
         arm.command(str(DRIVER), str(job_file), str(result_file)),
-        env=arm.environment(cpu, {"PYTHONPATH": str(ROOT), "ONEDNN_VERBOSE": "1", **env}), capture_output=True,
+        env=arm.environment(cpu, {"PYTHONPATH": str(ROOT), "ONEDNN_VERBOSE": "1",
+                                  PRECISION_CACHE_DIR_VAR: str(folder / "precision"), **env}), capture_output=True,
         text=True, timeout=EMULATION_TIMEOUT_S, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     (folder / "stdout.txt").write_text(completed.stdout)  # oneDNN's log, kept with the job for a failure's reader

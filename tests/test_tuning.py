@@ -1,12 +1,16 @@
-"""Worker-init tuning decisions from faked CPU descriptions, and the bf16 accuracy guard."""
+"""Worker-init tuning decisions from injected CPU descriptions, and the bf16 accuracy guard."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from handlers.settings import CORE_SETTINGS, read_settings
-from handlers.cpu_features import HWCAP2_BF16, CpuFeatures
+from handlers.cpu_features import AS_CPU, CPU_AS_VAR, HWCAP2_BF16, CpuFeatures, kernel_limits
 from handlers.launch import launch_environment
 from handlers import acceleration
 from handlers.tuning import (CoreClaim, cgroup_cpu_limit, decide_precision, decide_threads, fast_math_mode,
@@ -21,6 +25,53 @@ GRAVITON3 = CpuFeatures("aarch64", True, "HWCAP2_BF16 set")
 GRAVITON2 = CpuFeatures("aarch64", False, "HWCAP2_BF16 clear")
 EPYC = CpuFeatures("x86_64", False, "no avx512_bf16/amx_bf16")
 ZEN4_FEATURES = CpuFeatures("x86_64", True, "avx512_bf16")
+SAPPHIRE_RAPIDS = ("model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 fma avx512f avx512_vnni avx512_bf16 "
+                   "avx512_fp16 amx_bf16 amx_int8 amx_tile\n")
+
+pytestmark = pytest.mark.cpu_sensitive
+
+
+def as_cpu(monkeypatch, name: str) -> CpuFeatures:
+    """Make this process's workers decide as ``AS_CPU[name]`` (GS_CPU_AS), whatever the host."""
+    monkeypatch.setenv(CPU_AS_VAR, name)
+    return CpuFeatures.detect()
+
+
+def test_acting_as_another_cpu_replaces_the_features_the_decisions_read():
+    host = CpuFeatures.from_cpuinfo("x86_64", SAPPHIRE_RAPIDS)
+    assert host.bf16 and host.identity == ("x86_64 Intel(R) Xeon(R) Processor (avx2 fma avx512f avx512_vnni avx512_bf16 "
+                                           "avx512_fp16 amx_bf16 amx_int8)")
+    avx2, zen4, amx = (host.acting_as(name) for name in ("avx2", "avx512_bf16", "amx"))
+    assert not avx2.bf16 and "GS_CPU_AS=avx2" in avx2.evidence and "no avx512_bf16/amx_bf16" in avx2.evidence
+    assert zen4.bf16 and zen4.evidence.endswith(": avx512_bf16")
+    assert amx.bf16 and amx.evidence.endswith(": avx512_bf16, amx_bf16")
+    assert len({avx2.identity, zen4.identity, amx.identity, host.identity}) == 4  # each its own cache key
+    assert all(features.identity.endswith(f"on {host.identity}") for features in (avx2, zen4, amx))
+    with pytest.raises(ValueError, match="GS_CPU_AS='zen9' is not a CPU to act as; expected one of avx2, "):
+        host.acting_as("zen9")
+    assert CpuFeatures.detect({CPU_AS_VAR: "avx2"}).evidence.startswith("GS_CPU_AS=avx2")
+    assert kernel_limits("avx2") == {"GS_CPU_AS": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                     "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+KERNELS_PROBE = """
+import json, torch
+torch.randn(8, 8).to_mkldnn().to_dense()  # oneDNN reorders: its log names the ISA it runs
+print(json.dumps({"aten": torch.backends.cpu.get_cpu_capability()}))
+"""
+WIDER_THAN_AVX2 = ("AVX-512", "AVX512", "AMX", "AVX10")
+
+
+@pytest.mark.skipif(not CpuFeatures.detect({}).identity.startswith("x86_64"), reason="the kernel caps are x86's")
+def test_acting_as_avx2_really_caps_atens_and_onednns_kernels():
+    """A process started with the caps runs AVX2 code at most, on any x86-64 host (the caps never
+    raise what the hardware has, so an AVX2 host gives the same answer)."""
+    completed = subprocess.run([sys.executable, "-c", KERNELS_PROBE], capture_output=True, text=True, timeout=120,
+                               env={**__import__("os").environ, **kernel_limits("avx2"), "ONEDNN_VERBOSE": "1"})
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    isa = [line for line in completed.stdout.splitlines() if line.startswith("onednn_verbose") and ",isa:" in line]
+    assert isa and not any(word in isa[0] for word in WIDER_THAN_AVX2), isa
+    assert json.loads(completed.stdout.splitlines()[-1])["aten"] in ("AVX2", "DEFAULT")
 
 
 def test_x86_bf16_comes_from_cpuinfo_flags():
@@ -205,7 +256,7 @@ def test_operators_fpmath_variable_keeps_onednn_out_of_fp32_only_where_bf16_is_n
     assert worker.precision == "fp32" and worker.tuning.fpmath_env is kept_out
     lines = [record.getMessage() for record in caplog.records if "tuning:" in record.getMessage()]
     if kept_out:
-        assert "each timed on the check inputs if its guards pass (next line)" in lines[0]
+        assert "each timed on the check inputs if its guards pass, or auto's cached outcome (next line)" in lines[0]
         assert "accuracy guard failed" in lines[1] and lines[1].endswith(
             "oneDNN kept out: DNNL_DEFAULT_FPMATH_MODE makes bf16 its default in this process)")
     else:
