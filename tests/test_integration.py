@@ -200,3 +200,31 @@ def test_grpc_client_script_exits_non_zero_on_an_error_body(mnist_server, capsys
     assert grpc_client_main([*common, "predict", "mnist", str(TESTS / "data" / "digit.png")]) == 0
     assert grpc_client_main([*common, "predict", "mnist", "--text", "not an image"]) == 1
     assert '"code": 400' in capsys.readouterr().out  # the error body is still printed
+
+
+def described_serving(server, model: str) -> dict:
+    reply = requests.get(server.url("management", f"models/{model}?customized=true"), headers=server.auth("management"),
+                         timeout=60)
+    metadata = reply.json()[0]["customizedMetadata"]
+    return (json.loads(metadata) if isinstance(metadata, str) else metadata)["serving"]
+
+
+def test_a_restart_serves_the_precision_auto_chose_at_the_first_start(mnist_mar, tmp_path):
+    """auto times at the first start of an archive on this machine, keeps the outcome in the run
+    folder, and every later start reads it back: the same precision, and the same answers."""
+    under_test = ServerUnderTest(tmp_path, [mnist_mar])
+    digit = (TESTS / "data" / "digit.png").read_bytes()
+    served = []
+    for _ in range(2):
+        server = under_test.start()
+        try:
+            served.append((described_serving(server, "mnist"), post(server, "mnist", digit).json()))
+        finally:
+            under_test.stop()
+    (first, first_answer), (again, again_answer) = served
+    assert again["precision"] == first["precision"] and again_answer == first_answer
+    if first["precision_why"].startswith("auto: fastest"):  # it timed (int8 passed its guards), then read it back
+        assert "(timed at this start, cached in " in first["precision_why"] and "(cache " in again["precision_why"]
+        assert first["precision_why"].split(" (timed at")[0] == again["precision_why"].split(" (cache")[0]
+    print(f"mnist, two starts: {first['precision']} ({first['precision_why'][:160]}...), then {again['precision']} "
+          f"({again['precision_why'][:160]}...)")
