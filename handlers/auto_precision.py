@@ -5,12 +5,16 @@ the model's check inputs. Timed while other workers start, the choice followed t
 2-core Zen 4, 3 of 7 models changed precision between two starts of the same store; one check
 batch took 626 ms in one start and 267 ms in the other). So:
 
-- one worker times at a time: the timing runs under an exclusive lock shared by every worker
-  that uses the same cache folder (a server's workers; GS_PRECISION_CACHE_DIR);
-- the outcome is kept in that folder under a key of everything that can change it: the
-  archive's files, the CPU (model and the flags that change kernels, GS_CPU_AS and the kernel
-  caps), torch's version, the device, the worker's threads and the precisions that passed. A
-  later start of the same archive on the same kind of machine reuses it instead of timing;
+- a worker that must time starts alone: it holds the server's start lock exclusively from
+  loading its model to the end of its timing, while every other worker holds it shared for its
+  own start (loading, guards). Workers that do not time start side by side, never during a
+  timing. A worker that cannot get the lock within its wait goes on without it and keeps nothing;
+- the outcome is kept in the cache folder (GS_PRECISION_CACHE_DIR; the launch path sets one per
+  server) under a key of everything that can change it: the archive's files, the CPU (model and
+  the flags that change kernels), torch's version, the device, the worker's threads, the
+  candidates, and the variables that cap or change kernels. Which candidates pass their guards
+  follows from these, so it is not part of the key. A later start with the same key reads the
+  outcome back and does not time (nor lock anyone out);
 - a reduced precision must beat fp32 by AUTO_MIN_GAIN.
 
 Delete the folder (or change anything in the key) to time again.
@@ -19,6 +23,7 @@ Delete the folder (or change anything in the key) to time again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -35,9 +40,10 @@ from handlers.launch import PRECISION_CACHE_DIR_VAR
 AUTO_MIN_GAIN = 0.15  # a reduced precision must be this much faster than fp32 to be chosen
 AUTO_ROUNDS = 5  # timed forwards per precision, interleaved, each over all check inputs as one batch
 AUTO_BUDGET_S = 20.0  # stop adding rounds after this long (each precision has had at least one)
-# How long a worker waits for another's timing before it times anyway (and keeps nothing): well
-# inside TorchServe's default startupTimeout of 120 s, which also covers loading the model.
-LOCK_WAIT_S = 60.0
+# TorchServe gives a worker's load startupTimeout seconds (model-config.yaml, 120 by default); a
+# worker waits for the start lock at most that less START_MARGIN_S, left for its own start.
+TORCHSERVE_STARTUP_TIMEOUT_S = 120
+START_MARGIN_S = 40
 # The variables that change which kernels torch's libraries run (handlers.cpu_features.AS_CPU).
 KERNEL_VARS = ("GS_CPU_AS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
                "FBGEMM_ENABLE_INSTRUCTIONS", "DNNL_DEFAULT_FPMATH_MODE")
@@ -48,8 +54,8 @@ class Outcome:
     """auto's choice and where it came from."""
 
     precision: str
-    timings_ms: dict[str, float]  # the medians it rests on
-    source: str  # "timed at this start", "cache", or "timed at this start, not cached (...)"
+    timings_ms: dict[str, float]  # the medians it rests on, in the order they were timed
+    source: str  # "timed at this start, cached in <file>", "cache <file>", or why it was not kept
     timed_at: str  # when the timing ran (UTC)
 
     def words(self, items: int) -> str:
@@ -98,42 +104,17 @@ def archive_digest(model_dir: Path) -> str:
 
 
 def outcome_key(model_dir: Path, cpu_identity: str, torch_version: str, device: str, threads: int,
-                passed: list[str], environ: dict[str, str] | None = None) -> dict[str, Any]:
+                candidates: tuple[str, ...], environ: dict[str, str] | None = None) -> dict[str, Any]:
     """Everything auto's outcome depends on."""
     environ = os.environ if environ is None else environ
     return {"archive": archive_digest(model_dir), "cpu": cpu_identity, "torch": torch_version, "device": device,
-            "threads": threads, "passed": sorted(passed),
+            "threads": threads, "candidates": list(candidates),
             "kernel_env": {name: environ[name] for name in KERNEL_VARS if name in environ}}
 
 
-def auto_outcome(model_name: str, key: dict[str, Any], time_them: Callable[[], tuple[str, dict[str, float]]],
-                 folder: Path | None = None) -> Outcome:
-    """The cached outcome for ``key``, else ``time_them()`` under the timing lock, kept for next time."""
-    folder = cache_dir() if folder is None else folder
-    folder.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    entry = folder / f"{model_name}-{digest}.json"
-    cached = _read(entry, key)
-    if cached:
-        return cached
-    with _timing_lock(folder / "timing.lock", LOCK_WAIT_S) as locked:
-        cached = _read(entry, key)  # another worker of this model may have timed while we waited
-        if cached:
-            return cached
-        best, seconds = time_them()
-        timed_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        timings = {precision: round(1000 * value, 1) for precision, value in seconds.items()}
-        if not locked:
-            return Outcome(best, timings, f"timed at this start, not cached: another worker held the timing lock "
-                                          f"for over {LOCK_WAIT_S:.0f} s", timed_at)
-        record = {"precision": best, "timings_ms": timings, "timed_at": timed_at, "key": key}
-        temporary = entry.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(record, indent=1))  # timings in the order they ran
-        os.replace(temporary, entry)  # whole or absent: a reader never sees half a file
-        return Outcome(best, timings, f"timed at this start, cached in {entry}", timed_at)
-
-
-def _read(entry: Path, key: dict[str, Any]) -> Outcome | None:
+def kept_outcome(model_name: str, key: dict[str, Any], folder: Path | None = None) -> Outcome | None:
+    """The outcome an earlier start kept for ``key``, or None."""
+    entry = _entry(model_name, key, folder)
     try:
         record = json.loads(entry.read_text())
     except (OSError, ValueError):
@@ -143,15 +124,74 @@ def _read(entry: Path, key: dict[str, Any]) -> Outcome | None:
     return Outcome(record["precision"], record["timings_ms"], f"cache {entry}", record["timed_at"])
 
 
+def decide(model_name: str, key: dict[str, Any], kept: Outcome | None, passed: list[str],
+           time_them: Callable[[], tuple[str, dict[str, float]]], alone: bool, folder: Path | None = None) -> Outcome:
+    """The kept outcome if it chose one of ``passed``; else ``time_them()``, kept for later
+    starts if this worker timed ``alone`` (it held the start lock exclusively)."""
+    if kept is not None and kept.precision in passed:
+        return kept
+    best, seconds = time_them()
+    timed_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    outcome = Outcome(best, {precision: round(1000 * value, 1) for precision, value in seconds.items()}, "", timed_at)
+    if not alone:
+        return dataclasses.replace(outcome, source="timed at this start beside other workers' starts "
+                                                   "(the start lock was not had in time): not cached")
+    entry = _entry(model_name, key, folder)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    record = {"precision": best, "timings_ms": outcome.timings_ms, "timed_at": timed_at, "key": key}
+    temporary = entry.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(record, indent=1))
+    os.replace(temporary, entry)  # whole or absent: a reader never sees half a file
+    return dataclasses.replace(outcome, source=f"timed at this start, cached in {entry}")
+
+
+class AutoStart:
+    """One worker's part: its key and kept outcome, its start under the lock, its decision."""
+
+    def __init__(self, model_name: str, model_dir: Path, tuning: Any, device: str, startup_timeout_s: int,
+                 folder: Path | None = None):
+        self.model_name, self.folder = model_name, folder
+        self.times = tuning.requested == "auto" and bool(tuning.candidates)  # auto, with something to time
+        self.key = outcome_key(model_dir, tuning.cpu, torch_version(), device, tuning.threads,
+                               tuning.candidates) if self.times else {}
+        self.kept = kept_outcome(model_name, self.key, folder) if self.times else None
+        self.wait_s = max(0, startup_timeout_s - START_MARGIN_S)
+        self.alone = False  # held the lock exclusively: its timing is quiet, and kept
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """The worker's start (load, guards, timing): alone if it must time, else beside the
+        other workers that do not."""
+        exclusive = self.times and self.kept is None
+        with start_lock(exclusive, self.wait_s, self.folder) as locked:
+            self.alone = locked and exclusive
+            if self.alone:  # another worker of this model may have timed while this one waited
+                self.kept = kept_outcome(self.model_name, self.key, self.folder)
+            yield
+
+    def decide(self, passed: list[str], time_them: Callable[[], tuple[str, dict[str, float]]]) -> Outcome:
+        return decide(self.model_name, self.key, self.kept, passed, time_them, self.alone, self.folder)
+
+
+def torch_version() -> str:
+    import torch  # the launch path imports this module's neighbours without torch
+
+    return torch.__version__
+
+
 @contextlib.contextmanager
-def _timing_lock(path: Path, wait_s: float) -> Iterator[bool]:
-    """Hold ``path``'s exclusive lock (True), or after ``wait_s`` go on without it (False). The
-    kernel drops a dead worker's lock with its open file."""
-    with open(path, "a+") as handle:
+def start_lock(exclusive: bool, wait_s: float, folder: Path | None = None) -> Iterator[bool]:
+    """Hold the cache folder's start lock for a worker's start: exclusively for a worker that
+    will time, shared for the others. Yields whether it was had within ``wait_s`` (if not, the
+    start goes on without it). The kernel drops a dead worker's lock with its open file."""
+    folder = cache_dir() if folder is None else folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "start.lock", "a+") as handle:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
                 locked = True
                 break
             except OSError:
@@ -164,3 +204,8 @@ def _timing_lock(path: Path, wait_s: float) -> Iterator[bool]:
         finally:
             if locked:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _entry(model_name: str, key: dict[str, Any], folder: Path | None) -> Path:
+    folder = cache_dir() if folder is None else folder
+    return folder / f"{model_name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"

@@ -99,11 +99,16 @@ class Worker:
         metadata_path = self.model_dir / METADATA_FILE
         self.metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
         serialized_file = (context.manifest or {}).get("model", {}).get("serializedFile")
-        # What forwards run: fp32, or its int8 copy once chosen; self.runner is it or its compiled form.
-        self.model = handler.load(self.model_dir, serialized_file, self.settings, self.device).to(self.device).eval()
-        self.runner = self.model
-        self.precision, self.precision_why = "fp32", self.tuning.precision_reason
-        self._accelerate()
+        # auto's outcome is kept from an earlier start, or timed at this one with this worker
+        # starting alone (handlers.auto_precision); every worker's start takes part in that lock.
+        self.auto = auto_precision.AutoStart(self.model_name, self.model_dir, self.tuning, str(self.device),
+                                             int(config.get("startupTimeout", auto_precision.TORCHSERVE_STARTUP_TIMEOUT_S)))
+        with self.auto.starting():
+            # What forwards run: fp32, or its int8 copy once chosen; self.runner is it or its compiled form.
+            self.model = handler.load(self.model_dir, serialized_file, self.settings, self.device).to(self.device).eval()
+            self.runner = self.model
+            self.precision, self.precision_why = "fp32", self.tuning.precision_reason
+            self._accelerate()
 
     def _accelerate(self) -> None:
         """Reduced precision if its guards pass (auto: the fastest that passes); torch.compile if
@@ -160,9 +165,7 @@ class Worker:
         if self.tuning.requested != "auto":
             ((precision, module),) = [(p, m) for p, m in passed.items() if p != "fp32"]
             return precision, module, "; ".join(reversed(verdicts))  # the guard's verdict first
-        key = auto_precision.outcome_key(self.model_dir, self.tuning.cpu, torch.__version__, str(self.device),
-                                         self.tuning.threads, list(passed))
-        outcome = auto_precision.auto_outcome(self.model_name, key, lambda: auto_precision.fastest(
+        outcome = self.auto.decide(list(passed), lambda: auto_precision.fastest(
             lambda p: self._run(passed[p], check_items, p), list(passed)))
         return outcome.precision, passed[outcome.precision], outcome.words(len(check_items)) + "; " + "; ".join(verdicts)
 

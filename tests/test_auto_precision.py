@@ -1,4 +1,4 @@
-"""auto's outcome: timed one worker at a time, kept under a key of what can change it, reused."""
+"""auto's outcome: timed by a worker that starts alone, kept under a key of what can change it, reused."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from handlers import auto_precision
-from handlers.auto_precision import auto_outcome, outcome_key
+from handlers.auto_precision import decide, kept_outcome, outcome_key, start_lock
 from tests.test_int8 import HELD_OUT_KEPT, int8_probe, tuning_lines
 
 pytestmark = pytest.mark.cpu_sensitive
@@ -20,7 +20,7 @@ def key(root, **changes):
     folder = root / "model"
     folder.mkdir(exist_ok=True)
     arguments = {"cpu_identity": "x86_64 Some CPU (avx2 fma)", "torch_version": "2.14.1", "device": "cpu",
-                 "threads": 2, "passed": ["fp32", "int8"], "environ": {}} | changes
+                 "threads": 2, "candidates": ("int8",), "environ": {}} | changes
     return outcome_key(folder, **arguments)
 
 
@@ -30,7 +30,7 @@ def test_the_key_changes_with_everything_that_can_change_the_outcome(tmp_path):
     base = key(tmp_path)
     assert key(tmp_path) == base
     variants = [key(tmp_path, cpu_identity="x86_64 Other CPU (avx2 fma avx512f)"), key(tmp_path, torch_version="2.15.0"),
-                key(tmp_path, device="cuda:0"), key(tmp_path, threads=1), key(tmp_path, passed=["fp32", "bf16", "int8"]),
+                key(tmp_path, device="cuda:0"), key(tmp_path, threads=1), key(tmp_path, candidates=("bf16", "int8")),
                 key(tmp_path, environ={"ONEDNN_MAX_CPU_ISA": "AVX2"}), key(tmp_path, environ={"GS_CPU_AS": "avx2"})]
     assert all(variant != base for variant in variants)
     (tmp_path / "model" / "weights.pt").write_bytes(b"other weights")
@@ -40,52 +40,66 @@ def test_the_key_changes_with_everything_that_can_change_the_outcome(tmp_path):
     assert key(tmp_path) == key(tmp_path, environ={"OMP_SCHEDULE": "static"})
 
 
-def test_an_outcome_is_timed_once_then_read_back(tmp_path):
+def test_an_outcome_timed_alone_is_kept_and_read_back_without_timing(tmp_path):
     timed = []
 
     def time_them():
         timed.append(1)
         return "int8", {"fp32": 0.0100, "int8": 0.0051}
 
-    first = auto_outcome("m", key(tmp_path), time_them, tmp_path / "cache")
-    second = auto_outcome("m", key(tmp_path), time_them, tmp_path / "cache")
-    assert timed == [1]
-    assert first.precision == second.precision == "int8" and second.timings_ms == {"fp32": 10.0, "int8": 5.1}
-    assert first.source.startswith("timed at this start, cached in ") and second.source.startswith("cache ")
-    assert second.timed_at == first.timed_at
-    other_cpu = auto_outcome("m", key(tmp_path, cpu_identity="aarch64 hwcap 0x0 hwcap2 0x0"), time_them, tmp_path / "cache")
-    assert timed == [1, 1] and other_cpu.source.startswith("timed at this start")
-
-
-def test_a_worker_that_cannot_get_the_timing_lock_times_anyway_and_keeps_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(auto_precision, "LOCK_WAIT_S", 0.3)
     cache = tmp_path / "cache"
-    cache.mkdir()
-    with open(cache / "timing.lock", "a+") as held:  # another worker, timing
+    assert kept_outcome("m", key(tmp_path), cache) is None
+    first = decide("m", key(tmp_path), None, ["fp32", "int8"], time_them, alone=True, folder=cache)
+    kept = kept_outcome("m", key(tmp_path), cache)
+    again = decide("m", key(tmp_path), kept, ["fp32", "int8"], time_them, alone=True, folder=cache)
+    assert timed == [1]
+    assert first.precision == again.precision == "int8" and again.timings_ms == {"fp32": 10.0, "int8": 5.1}
+    assert first.source.startswith("timed at this start, cached in ") and again.source.startswith("cache ")
+    assert again.timed_at == first.timed_at
+    assert kept_outcome("m", key(tmp_path, cpu_identity="aarch64 hwcap 0x0 hwcap2 0x0"), cache) is None
+    # A kept choice that did not pass its guards at this start (it cannot, with the same key) is timed again.
+    retimed = decide("m", key(tmp_path), kept, ["fp32"], lambda: ("fp32", {"fp32": 0.01}), alone=True, folder=cache)
+    assert retimed.precision == "fp32" and retimed.source.startswith("timed at this start")
+
+
+def test_an_outcome_timed_beside_other_starts_is_not_kept(tmp_path):
+    cache = tmp_path / "cache"
+    outcome = decide("m", key(tmp_path), None, ["fp32", "int8"], lambda: ("fp32", {"fp32": 0.01, "int8": 0.02}),
+                     alone=False, folder=cache)
+    assert outcome.precision == "fp32" and outcome.source.endswith("(the start lock was not had in time): not cached")
+    assert kept_outcome("m", key(tmp_path), cache) is None
+
+
+def test_a_timing_start_is_alone_and_other_starts_go_side_by_side(tmp_path):
+    """Starts hold the lock shared; one that times holds it exclusively: it waits for the others
+    and they wait for it, and a waiter gives up after its wait."""
+    spans: dict[str, tuple[float, float]] = {}
+
+    def start(name: str, exclusive: bool, hold_s: float) -> None:
+        with start_lock(exclusive, wait_s=10, folder=tmp_path) as locked:
+            assert locked
+            begin = time.monotonic()
+            time.sleep(hold_s)
+            spans[name] = (begin, time.monotonic())
+
+    threads = [threading.Thread(target=start, args=args) for args in
+               (("shared1", False, 0.4), ("shared2", False, 0.4), ("timing", True, 0.4), ("timing2", True, 0.4))]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join()
+
+    def overlap(a: str, b: str) -> bool:
+        return spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]
+
+    assert overlap("shared1", "shared2")  # starts without timing go side by side
+    for timing in ("timing", "timing2"):
+        assert not [other for other in spans if other != timing and overlap(timing, other)]
+    with open(tmp_path / "start.lock", "a+") as held:  # a timing start elsewhere, for longer than the wait
         fcntl.flock(held, fcntl.LOCK_EX)
-        outcome = auto_outcome("m", key(tmp_path), lambda: ("fp32", {"fp32": 0.01, "int8": 0.02}), cache)
-    assert outcome.precision == "fp32"
-    assert outcome.source == "timed at this start, not cached: another worker held the timing lock for over 0 s"
-    assert not list(cache.glob("m-*.json"))
-
-
-def test_workers_time_one_at_a_time(tmp_path):
-    spans = []
-
-    def time_them():
-        begin = time.monotonic()
-        time.sleep(0.3)
-        spans.append((begin, time.monotonic()))
-        return "fp32", {"fp32": 0.01}
-
-    workers = [threading.Thread(target=auto_outcome, args=(f"model{n}", key(tmp_path), time_them, tmp_path / "cache"))
-               for n in range(3)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    spans.sort()
-    assert len(spans) == 3 and all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:]))
+        with start_lock(False, wait_s=0.3, folder=tmp_path) as locked:
+            assert not locked
 
 
 def test_a_restarted_worker_serves_the_kept_precision_without_timing(tmp_path, caplog, monkeypatch):
