@@ -15,6 +15,11 @@ batch took 626 ms in one start and 267 ms in the other). So:
   candidates, and the variables that cap or change kernels. Which candidates pass their guards
   follows from these, so it is not part of the key. A later start with the same key reads the
   outcome back and does not time (nor lock anyone out);
+- before timing, the worker waits (up to QUIET_WAIT_S) until other processes use under
+  QUIET_SHARE of the machine's CPUs: the lock does not cover what happens before a worker's
+  start (seven worker processes importing torch), and a first start timed beside that chose
+  bf16 for MNIST at 18.0 ms fp32 where a quiet measurement gives 1.8 ms and keeps fp32. What
+  others used while it timed is in the outcome's words;
 - a reduced precision must beat fp32 by AUTO_MIN_GAIN.
 
 Delete the folder (or change anything in the key) to time again.
@@ -44,6 +49,9 @@ AUTO_BUDGET_S = 20.0  # stop adding rounds after this long (each precision has h
 # worker waits for the start lock at most that less START_MARGIN_S, left for its own start.
 TORCHSERVE_STARTUP_TIMEOUT_S = 120
 START_MARGIN_S = 40
+QUIET_SHARE = 0.10  # other processes' share of all CPUs under which the machine counts as quiet
+QUIET_WAIT_S = 15.0  # how long a worker waits for quiet before it times anyway
+QUIET_WINDOW_S = 0.5
 # The variables that change which kernels torch's libraries run (handlers.cpu_features.AS_CPU).
 KERNEL_VARS = ("GS_CPU_AS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
                "FBGEMM_ENABLE_INSTRUCTIONS", "DNNL_DEFAULT_FPMATH_MODE")
@@ -57,11 +65,13 @@ class Outcome:
     timings_ms: dict[str, float]  # the medians it rests on, in the order they were timed
     source: str  # "timed at this start, cached in <file>", "cache <file>", or why it was not kept
     timed_at: str  # when the timing ran (UTC)
+    others_busy: float  # the share of all CPUs other processes used while it timed
 
     def words(self, items: int) -> str:
         timings = ", ".join(f"{precision} {ms:.1f} ms" for precision, ms in self.timings_ms.items())
         return (f"auto: fastest that passed its guards by {AUTO_MIN_GAIN:.0%} over fp32, timed on {items} check inputs "
-                f"as one batch: {timings} ({self.source}, timed {self.timed_at})")
+                f"as one batch: {timings} ({self.source}, timed {self.timed_at} while other processes used "
+                f"{self.others_busy:.0%} of the CPUs)")
 
 
 def fastest(run: Callable[[str], Any], precisions: list[str]) -> tuple[str, dict[str, float]]:
@@ -117,11 +127,11 @@ def kept_outcome(model_name: str, key: dict[str, Any], folder: Path | None = Non
     entry = _entry(model_name, key, folder)
     try:
         record = json.loads(entry.read_text())
-    except (OSError, ValueError):
+        if record["key"] != key:  # a digest collision or a hand-edited file: time again
+            return None
+        return Outcome(record["precision"], record["timings_ms"], f"cache {entry}", record["timed_at"], record["others_busy"])
+    except (OSError, ValueError, KeyError, TypeError):  # absent, or not a whole record of ours: time again
         return None
-    if record.get("key") != key:  # a digest collision or a hand-edited file: time again
-        return None
-    return Outcome(record["precision"], record["timings_ms"], f"cache {entry}", record["timed_at"])
 
 
 def decide(model_name: str, key: dict[str, Any], kept: Outcome | None, passed: list[str],
@@ -130,19 +140,68 @@ def decide(model_name: str, key: dict[str, Any], kept: Outcome | None, passed: l
     starts if this worker timed ``alone`` (it held the start lock exclusively)."""
     if kept is not None and kept.precision in passed:
         return kept
-    best, seconds = time_them()
+    wait_for_quiet()
+    with OthersBusy() as others:
+        best, seconds = time_them()
     timed_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    outcome = Outcome(best, {precision: round(1000 * value, 1) for precision, value in seconds.items()}, "", timed_at)
+    outcome = Outcome(best, {precision: round(1000 * value, 1) for precision, value in seconds.items()}, "", timed_at,
+                      round(others.share, 3))
     if not alone:
         return dataclasses.replace(outcome, source="timed at this start beside other workers' starts "
                                                    "(the start lock was not had in time): not cached")
     entry = _entry(model_name, key, folder)
     entry.parent.mkdir(parents=True, exist_ok=True)
-    record = {"precision": best, "timings_ms": outcome.timings_ms, "timed_at": timed_at, "key": key}
+    record = {"precision": best, "timings_ms": outcome.timings_ms, "timed_at": timed_at,
+              "others_busy": outcome.others_busy, "key": key}
     temporary = entry.with_suffix(f".{os.getpid()}.tmp")
     temporary.write_text(json.dumps(record, indent=1))
     os.replace(temporary, entry)  # whole or absent: a reader never sees half a file
     return dataclasses.replace(outcome, source=f"timed at this start, cached in {entry}")
+
+
+class OthersBusy:
+    """The share of all CPUs that processes other than this one used over a ``with`` block,
+    from /proc/stat (every CPU's busy time) less /proc/self/stat (this process's, all threads)."""
+
+    share = 0.0
+
+    def __enter__(self) -> "OthersBusy":
+        self._start = _cpu_ticks()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.share = _others_share(self._start, _cpu_ticks())
+        return False
+
+
+def wait_for_quiet(wait_s: float | None = None) -> None:
+    """Return once other processes used under QUIET_SHARE of the CPUs for a QUIET_WINDOW_S, or
+    after ``wait_s`` (QUIET_WAIT_S) either way."""
+    deadline = time.monotonic() + (QUIET_WAIT_S if wait_s is None else wait_s)
+    while time.monotonic() < deadline:
+        with OthersBusy() as others:
+            time.sleep(QUIET_WINDOW_S)
+        if others.share < QUIET_SHARE:
+            return
+
+
+def _cpu_ticks() -> tuple[int, int, int] | None:
+    """(all CPUs' busy ticks, all CPUs' total ticks, this process's ticks), or None where /proc is missing."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already inside user
+    return total - idle, total, int(own[11]) + int(own[12])  # utime + stime (fields 14 and 15)
+
+
+def _others_share(start: tuple[int, int, int] | None, end: tuple[int, int, int] | None) -> float:
+    if start is None or end is None or end[1] <= start[1]:
+        return 0.0
+    others = (end[0] - start[0]) - (end[2] - start[2])
+    return max(0.0, others / (end[1] - start[1]))
 
 
 class AutoStart:

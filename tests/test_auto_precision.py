@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import fcntl
+import os
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from handlers import auto_precision
-from handlers.auto_precision import decide, kept_outcome, outcome_key, start_lock
+from handlers.auto_precision import OthersBusy, decide, kept_outcome, outcome_key, start_lock
 from tests.test_int8 import HELD_OUT_KEPT, int8_probe, tuning_lines
 
 pytestmark = pytest.mark.cpu_sensitive
@@ -117,3 +120,22 @@ def test_a_restarted_worker_serves_the_kept_precision_without_timing(tmp_path, c
     assert again.precision == first.precision and "(cache " in line
     assert line.split(" ms (")[0] == first_line.split(" ms (")[0]  # the same timings, read back
     assert again.precision_why == line.split("tuning: precision=")[1].split(" (", 1)[1][:-1]
+
+
+def test_what_other_processes_use_is_measured_and_a_kept_record_says_it(tmp_path):
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.5)  # the interpreter has started and spins
+        with OthersBusy() as others:
+            time.sleep(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert others.share >= 0.5 / os.cpu_count()  # one CPU of the machine's, at the least most of it
+    outcome = decide("m", key(tmp_path), None, ["fp32"], lambda: ("fp32", {"fp32": 0.01}), alone=True,
+                     folder=tmp_path / "cache")
+    assert f"while other processes used {outcome.others_busy:.0%} of the CPUs" in outcome.words(2)
+    assert kept_outcome("m", key(tmp_path), tmp_path / "cache").others_busy == outcome.others_busy
+    (entry,) = (tmp_path / "cache").glob("m-*.json")
+    entry.write_text('{"precision": "int8"}')  # not a whole record: timed again, never a failed start
+    assert kept_outcome("m", key(tmp_path), tmp_path / "cache") is None
