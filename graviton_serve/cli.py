@@ -23,6 +23,7 @@ from graviton_serve.paths import CONFIG_FILE, MODEL_STORE, ROOT, RUN_DIR
 from graviton_serve.progress import say
 from graviton_serve.server import ServerError, TorchServe
 from graviton_serve.torchserve_config import ConfigError
+from handlers.cpu_features import CpuAsError
 
 def call_lines(server: TorchServe, name: str) -> list[str]:
     """One curl line and one gRPC line for a model, from its family's sample request."""
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status = COMMANDS[args.command][2](args)
-    except (JavaNotFound, ConfigError, ServerError) as error:
+    except (JavaNotFound, ConfigError, ServerError, CpuAsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return status if isinstance(status, int) else 0

@@ -35,6 +35,7 @@ from graviton_serve.drain import is_draining, serve_foreground
 from graviton_serve.progress import say
 from graviton_serve.server import ServerError, TorchServe
 from graviton_serve.torchserve_config import ConfigError
+from handlers.cpu_features import CpuAsError
 
 HOME = Path("/home/model-server")
 
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(settings)
-    except (ConfigError, ServerError) as error:
+    except (ConfigError, ServerError, CpuAsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -27,6 +27,10 @@ ARM_MACHINES = ("aarch64", "arm64")  # what platform.machine() says on Linux and
 CPU_AS_VAR = "GS_CPU_AS"
 
 
+class CpuAsError(ValueError):
+    """GS_CPU_AS names no CPU we can act as (the launch path and the worker both refuse it)."""
+
+
 @dataclass(frozen=True)
 class AsCpu:
     """An x86-64 CPU a process can act as: its flags, and the variables that cap torch's kernels."""
@@ -74,7 +78,7 @@ class CpuFeatures:
         """These features as ``AS_CPU[name]`` would report them (ValueError naming GS_CPU_AS for
         an unknown name)."""
         if name not in AS_CPU:
-            raise ValueError(f"{CPU_AS_VAR}={name!r} is not a CPU to act as; expected one of {', '.join(AS_CPU)}")
+            raise CpuAsError(f"{CPU_AS_VAR}={name!r} is not a CPU to act as; expected one of {', '.join(AS_CPU)}")
         profile = AS_CPU[name]
         found = [flag for flag in X86_BF16_FLAGS if flag in profile.flags]
         return CpuFeatures("x86_64", bool(found),
