@@ -136,7 +136,7 @@ class Worker:
         top-1 of the check inputs, run as one batch and one by one; int8 must also not have lost
         held-out accuracy at build (auto: a measurement must exist). Asked for one: it, if it
         passed. auto: fp32 and the passed ones timed on the check inputs, the fastest kept
-        (handlers.auto_precision: timed one worker at a time, kept for later starts)."""
+        (handlers.auto_precision: timed by a worker that starts alone, kept for later starts)."""
         candidates = self.tuning.candidates
         if not check_items:
             return "fp32", self.model, f"{', '.join(candidates)} refused: the model has no check inputs for the accuracy guard"
