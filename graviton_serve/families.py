@@ -23,8 +23,11 @@ from graviton_serve.paths import ROOT
 from graviton_serve.sample_data import photo
 
 # TorchServe's per-model settings (model-config.yaml) every family starts from: one worker per
-# model (it uses every core), TorchServe's batching with a short delay.
-SERVING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 120}
+# model (it uses every core), TorchServe's batching with a short delay, and 300 s to start: a
+# worker that times auto's precision starts alone, so the others' starts may wait for it
+# (handlers.auto_precision; TorchServe's default is 120 s).
+SERVING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 120,
+           "startupTimeout": 300}
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,11 @@ class ServerError(RuntimeError):
     pass
 
 
+# How long a start waits for every model to be READY (as the container's GS_READY_TIMEOUT_S): the
+# first start on a machine times auto's precision one worker at a time.
+READY_TIMEOUT_S = 600.0
+
+
 class TorchServe:
     """One TorchServe instance with its own run folder."""
 
@@ -120,7 +125,7 @@ class TorchServe:
         )
         return env
 
-    def start(self, timeout: float = 180.0, foreground: bool = False,
+    def start(self, timeout: float = READY_TIMEOUT_S, foreground: bool = False,
               cancel: threading.Event | None = None) -> subprocess.Popen | None:
         """Start TorchServe and wait until every model in the store has a READY worker.
 

@@ -32,6 +32,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -42,13 +43,15 @@ from typing import Any, Callable, Iterator
 
 from handlers.launch import PRECISION_CACHE_DIR_VAR
 
+log = logging.getLogger(__name__)
+
 AUTO_MIN_GAIN = 0.15  # a reduced precision must be this much faster than fp32 to be chosen
 AUTO_ROUNDS = 5  # timed forwards per precision, interleaved, each over all check inputs as one batch
 AUTO_BUDGET_S = 20.0  # stop adding rounds after this long (each precision has had at least one)
-# TorchServe gives a worker's load startupTimeout seconds (model-config.yaml, 120 by default); a
-# worker waits for the start lock at most that less START_MARGIN_S, left for its own start.
+# TorchServe gives a worker's load startupTimeout seconds (model-config.yaml, 120 by default; our
+# archives say 300): a worker waits for the start lock at most half of it, and keeps the other
+# half for its own start (loading, guards, the quiet wait, timing).
 TORCHSERVE_STARTUP_TIMEOUT_S = 120
-START_MARGIN_S = 40
 QUIET_SHARE = 0.10  # other processes' share of all CPUs under which the machine counts as quiet
 QUIET_WAIT_S = 15.0  # how long a worker waits for quiet before it times anyway
 QUIET_WINDOW_S = 0.5
@@ -70,8 +73,8 @@ class Outcome:
     def words(self, items: int) -> str:
         timings = ", ".join(f"{precision} {ms:.1f} ms" for precision, ms in self.timings_ms.items())
         return (f"auto: fastest that passed its guards by {AUTO_MIN_GAIN:.0%} over fp32, timed on {items} check inputs "
-                f"as one batch: {timings} ({self.source}, timed {self.timed_at} while other processes used "
-                f"{self.others_busy:.0%} of the CPUs)")
+                f"as one batch: {timings}, {verdict(self.precision, self.timings_ms)} ({self.source}, timed "
+                f"{self.timed_at} while other processes used {self.others_busy:.0%} of the CPUs)")
 
 
 def fastest(run: Callable[[str], Any], precisions: list[str]) -> tuple[str, dict[str, float]]:
@@ -88,10 +91,24 @@ def fastest(run: Callable[[str], Any], precisions: list[str]) -> tuple[str, dict
         if time.perf_counter() - started > AUTO_BUDGET_S:
             break
     medians = {precision: statistics.median(values) for precision, values in times.items()}
+    return chosen(medians), medians
+
+
+def chosen(medians: dict[str, float]) -> str:
+    """The fastest, unless it gains less than AUTO_MIN_GAIN over fp32."""
     best = min(medians, key=medians.get)
-    if best != "fp32" and medians[best] > (1 - AUTO_MIN_GAIN) * medians["fp32"]:
-        best = "fp32"
-    return best, medians
+    return best if best == "fp32" or medians[best] <= (1 - AUTO_MIN_GAIN) * medians["fp32"] else "fp32"
+
+
+def verdict(precision: str, timings: dict[str, float]) -> str:
+    """In words: how the chosen precision compares with fp32 and the fastest."""
+    fastest_one = min(timings, key=timings.get)
+    if precision != "fp32":
+        return f"{precision} {1 - timings[precision] / timings['fp32']:.0%} faster than fp32"
+    if fastest_one == "fp32":
+        return "fp32 the fastest"
+    return (f"{fastest_one} only {1 - timings[fastest_one] / timings['fp32']:.0%} faster than fp32, "
+            f"under {AUTO_MIN_GAIN:.0%}: fp32 kept")
 
 
 def cache_dir(environ: dict[str, str] | None = None) -> Path:
@@ -127,11 +144,26 @@ def kept_outcome(model_name: str, key: dict[str, Any], folder: Path | None = Non
     entry = _entry(model_name, key, folder)
     try:
         record = json.loads(entry.read_text())
-        if record["key"] != key:  # a digest collision or a hand-edited file: time again
-            return None
-        return Outcome(record["precision"], record["timings_ms"], f"cache {entry}", record["timed_at"], record["others_busy"])
-    except (OSError, ValueError, KeyError, TypeError):  # absent, or not a whole record of ours: time again
+    except OSError:
+        return None  # none kept
+    except ValueError:
+        record = None
+    outcome = _outcome(record, f"cache {entry}") if isinstance(record, dict) and record.get("key") == key else None
+    if outcome is None:
+        log.warning("%s: tuning: ignored %s: not a whole record of auto's outcome for this key; timing again",
+                    model_name, entry)
+    return outcome
+
+
+def _outcome(record: dict, source: str) -> Outcome | None:
+    """The record as an Outcome, if every field is what this module writes."""
+    timings, precision = record.get("timings_ms"), record.get("precision")
+    numbers = isinstance(timings, dict) and all(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 for value in timings.values())
+    if not (numbers and "fp32" in timings and precision in timings and isinstance(record.get("timed_at"), str)
+            and isinstance(record.get("others_busy"), (int, float))):
         return None
+    return Outcome(precision, timings, source, record["timed_at"], record["others_busy"])
 
 
 def decide(model_name: str, key: dict[str, Any], kept: Outcome | None, passed: list[str],
@@ -142,20 +174,32 @@ def decide(model_name: str, key: dict[str, Any], kept: Outcome | None, passed: l
         return kept
     wait_for_quiet()
     with OthersBusy() as others:
+        began = time.monotonic()
         best, seconds = time_them()
+        # /proc/stat counts in ticks of 10 ms: a share needs a window of many ticks to mean anything
+        time.sleep(max(0.0, QUIET_WINDOW_S - (time.monotonic() - began)))
     timed_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     outcome = Outcome(best, {precision: round(1000 * value, 1) for precision, value in seconds.items()}, "", timed_at,
                       round(others.share, 3))
     if not alone:
         return dataclasses.replace(outcome, source="timed at this start beside other workers' starts "
                                                    "(the start lock was not had in time): not cached")
+    if outcome.others_busy >= QUIET_SHARE:  # a busy machine's timing is not kept: the next start times again
+        return dataclasses.replace(outcome, source=f"timed at this start on a busy machine (other processes used "
+                                                   f"{QUIET_SHARE:.0%} or more of the CPUs): not cached")
     entry = _entry(model_name, key, folder)
-    entry.parent.mkdir(parents=True, exist_ok=True)
     record = {"precision": best, "timings_ms": outcome.timings_ms, "timed_at": timed_at,
               "others_busy": outcome.others_busy, "key": key}
     temporary = entry.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(record, indent=1))
-    os.replace(temporary, entry)  # whole or absent: a reader never sees half a file
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(record, indent=1))
+        os.replace(temporary, entry)  # whole or absent: a reader never sees half a file
+    except OSError as error:  # a read-only folder, a full disk: serve anyway, keep nothing
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        return dataclasses.replace(outcome, source=f"timed at this start, not cached ({type(error).__name__}: "
+                                                   f"{error.strerror or error})")
     return dataclasses.replace(outcome, source=f"timed at this start, cached in {entry}")
 
 
@@ -214,7 +258,7 @@ class AutoStart:
         self.key = outcome_key(model_dir, tuning.cpu, torch_version(), device, tuning.threads,
                                tuning.candidates) if self.times else {}
         self.kept = kept_outcome(model_name, self.key, folder) if self.times else None
-        self.wait_s = max(0, startup_timeout_s - START_MARGIN_S)
+        self.wait_s = startup_timeout_s / 2
         self.alone = False  # held the lock exclusively: its timing is quiet, and kept
 
     @contextlib.contextmanager
@@ -244,8 +288,13 @@ def start_lock(exclusive: bool, wait_s: float, folder: Path | None = None) -> It
     will time, shared for the others. Yields whether it was had within ``wait_s`` (if not, the
     start goes on without it). The kernel drops a dead worker's lock with its open file."""
     folder = cache_dir() if folder is None else folder
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "start.lock", "a+") as handle:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / "start.lock", "a+")
+    except OSError:  # a read-only or missing folder: no lock to share, start without it
+        yield False
+        return
+    with handle:
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         deadline = time.monotonic() + wait_s
         while True:

@@ -14,6 +14,7 @@ from graviton_serve.demo_store import build_demo_store
 from graviton_serve.paths import CONFIG_FILE, MODEL_STORE
 from graviton_serve.server import TorchServe
 from graviton_serve.torchserve_config import Ports
+from handlers import auto_precision
 from handlers.launch import PRECISION_CACHE_DIR_VAR
 
 TESTS = Path(__file__).resolve().parent
@@ -24,6 +25,9 @@ def own_precision_cache(tmp_path_factory, monkeypatch):
     """Each test's in-process workers keep auto's outcomes in a folder of their own, so no test
     reuses another's timing (servers started by a test's fixtures keep theirs in their run folder)."""
     monkeypatch.setenv(PRECISION_CACHE_DIR_VAR, str(tmp_path_factory.mktemp("precision-cache")))
+    # and do not depend on what else this machine runs: no waiting for quiet, every timing kept
+    # (tests/test_auto_precision.py sets the share back where it tests that rule)
+    monkeypatch.setattr(auto_precision, "QUIET_SHARE", 1.01)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -118,7 +119,7 @@ def test_a_restarted_worker_serves_the_kept_precision_without_timing(tmp_path, c
     again = int8_probe(tmp_path / "b", "int8_stable", "auto", HELD_OUT_KEPT)._entry_point.worker  # same files elsewhere
     line = tuning_lines(caplog)[-1]
     assert again.precision == first.precision and "(cache " in line
-    assert line.split(" ms (")[0] == first_line.split(" ms (")[0]  # the same timings, read back
+    assert line.split(" (cache ")[0] == first_line.split(" (timed at this start")[0]  # the same timings, read back
     assert again.precision_why == line.split("tuning: precision=")[1].split(" (", 1)[1][:-1]
 
 
@@ -139,3 +140,60 @@ def test_what_other_processes_use_is_measured_and_a_kept_record_says_it(tmp_path
     (entry,) = (tmp_path / "cache").glob("m-*.json")
     entry.write_text('{"precision": "int8"}')  # not a whole record: timed again, never a failed start
     assert kept_outcome("m", key(tmp_path), tmp_path / "cache") is None
+
+
+@pytest.mark.parametrize("record", [
+    '{"precision": "banana", "timings_ms": {"fp32": 1.8, "bf16": 1.6}, "timed_at": "t", "others_busy": 0.0}',
+    '{"precision": "fp32", "timings_ms": "fast", "timed_at": "t", "others_busy": 0.0}',
+    '{"precision": "fp32", "timings_ms": {"fp32": "x", "bf16": 1}, "timed_at": "t", "others_busy": 0.0}',
+    '{"precision": "fp32", "timings_ms": {"fp32": 1.8}, "timed_at": 5, "others_busy": 0.0}',
+    '[]', '', '{"precision": "fp32", "timings_ms": {"fp32": 1.8}',
+])
+def test_a_kept_file_that_is_not_a_whole_record_means_timing_again(tmp_path, caplog, record):
+    cache = tmp_path / "cache"
+    decide("m", key(tmp_path), None, ["fp32", "bf16"], lambda: ("fp32", {"fp32": 0.01, "bf16": 0.02}), alone=True,
+           folder=cache)
+    (entry,) = cache.glob("m-*.json")
+    kept = json.loads(entry.read_text())
+    try:
+        edited = {**json.loads(record), "key": kept["key"]} if record.startswith("{") and record.endswith("}") else None
+    except ValueError:
+        edited = None
+    entry.write_text(json.dumps(edited) if edited else record)
+    assert kept_outcome("m", key(tmp_path), cache) is None
+    assert "ignored" in caplog.text and "timing again" in caplog.text
+
+
+def test_an_unwritable_cache_folder_serves_and_keeps_nothing(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(auto_precision.Path, "write_text", refuse)
+    outcome = decide("m", key(tmp_path), None, ["fp32"], lambda: ("fp32", {"fp32": 0.01}), alone=True, folder=cache)
+    assert outcome.precision == "fp32" and outcome.source == "timed at this start, not cached (PermissionError: Operation not permitted)"
+    monkeypatch.undo()
+    cache.chmod(0o500)  # and a lock file that cannot be made: the start goes on without the lock
+    try:
+        with start_lock(True, wait_s=0.1, folder=cache / "sub") as locked:
+            assert locked is (os.geteuid() == 0)  # root may write anyway
+    finally:
+        cache.chmod(0o700)
+
+
+def test_a_timing_on_a_busy_machine_is_not_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(auto_precision, "QUIET_SHARE", 0.10)
+    monkeypatch.setattr(auto_precision, "QUIET_WAIT_S", 0.0)
+    monkeypatch.setattr(auto_precision, "_others_share", lambda start, end: 0.86)
+    outcome = decide("m", key(tmp_path), None, ["fp32"], lambda: ("fp32", {"fp32": 0.01}), alone=True,
+                     folder=tmp_path / "cache")
+    assert outcome.others_busy == 0.86 and outcome.source.endswith("(other processes used 10% or more of the CPUs): not cached")
+    assert kept_outcome("m", key(tmp_path), tmp_path / "cache") is None
+
+
+def test_the_words_say_why_fp32_was_kept():
+    assert auto_precision.verdict("fp32", {"fp32": 1.8, "bf16": 1.6}) == "bf16 only 11% faster than fp32, under 15%: fp32 kept"
+    assert auto_precision.verdict("int8", {"fp32": 12.9, "bf16": 14.0, "int8": 8.6}) == "int8 33% faster than fp32"
+    assert auto_precision.verdict("fp32", {"fp32": 1.0, "bf16": 2.0}) == "fp32 the fastest"
