@@ -171,3 +171,17 @@ def test_guard_runs_the_check_inputs_one_by_one_too(tmp_path, caplog):
     worker = int8_probe(tmp_path, "int8_first_shape_only", "int8", HELD_OUT_KEPT)._entry_point.worker
     assert worker.precision == "fp32"
     assert "accuracy guard failed: int8 top-1 agrees with fp32 on only 50.0% of 4" in tuning_lines(caplog)[-1]
+
+
+def test_fast_forwards_are_timed_for_a_second_each_not_five_times(monkeypatch):
+    now, runs = [0.0], []
+    monkeypatch.setattr(auto_precision.time, "perf_counter", lambda: now[0])
+
+    def run(precision):
+        runs.append(precision)
+        now[0] += {"fp32": 0.002, "bf16": 0.0016}[precision]
+
+    best, medians = auto_precision.fastest(run, ["fp32", "bf16"])
+    # interleaved rounds until the faster one too has run 1 s in all: 1 / 0.0016 = 625 rounds each
+    assert runs.count("fp32") == runs.count("bf16") and 625 <= runs.count("bf16") <= 626
+    assert best == "bf16" and medians == pytest.approx({"fp32": 0.002, "bf16": 0.0016})
