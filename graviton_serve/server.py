@@ -11,6 +11,7 @@ graviton_serve.management, and draining it is graviton_serve.drain.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,6 +41,14 @@ class ServerError(RuntimeError):
 # How long a start waits for every model to be READY (as the container's GS_READY_TIMEOUT_S): the
 # first start on a machine times auto's precision one worker at a time.
 READY_TIMEOUT_S = 600.0
+MODEL_LOG, TS_LOG = "model_log.log", "ts_log.log"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 class TorchServe:
@@ -66,6 +75,7 @@ class TorchServe:
         self.tmp_dir = self.run_dir / "tmp"
         self.pid_file = self.tmp_dir / ".model_server.pid"
         self.busy_dir = busy_dir(self.run_dir)  # a file per worker pid while it handles a batch
+        self.log_starts: dict[str, int] = {}  # where this start's lines begin in TorchServe's logs
 
     # -- addresses and credentials ------------------------------------------------------------
 
@@ -138,6 +148,8 @@ class TorchServe:
             folder.mkdir(parents=True, exist_ok=True)
         self.pid_file.unlink(missing_ok=True)
         self.key_file.unlink(missing_ok=True)
+        # TorchServe appends to its logs: what this start wrote begins at these sizes
+        self.log_starts = {name: _size(self.log_dir / name) for name in (MODEL_LOG, TS_LOG)}
         write_properties(self.config_path, self.properties)
         command = [
             str(Path(sys.executable).with_name("torchserve")), "--start",
@@ -188,14 +200,20 @@ class TorchServe:
         )
 
     def worker_errors(self, lines: int = 8) -> str:
-        """The last lines of the workers' log that report an error (a model that fails to load
-        keeps being retried by TorchServe, and its access log buries the cause)."""
-        path = self.log_dir / "model_log.log"
-        if not path.exists():
-            return ""
-        found = [line for line in path.read_text(errors="replace").splitlines()
-                 if "Error" in line or "ERROR" in line or "Traceback" in line]
-        return "\n".join(found[-lines:])
+        """The last lines of this start's logs that report a worker's error: the workers' own
+        (a model that fails to load keeps being retried by TorchServe, and its access log buries
+        the cause), and the frontend's word on a worker that died or did not answer in time."""
+        found = {}
+        for name, marks in ((MODEL_LOG, ("Error", "ERROR", "Traceback")),
+                            (TS_LOG, ("did not respond", "Load model failed", "Worker died"))):
+            found[name] = []
+            with contextlib.suppress(OSError):
+                with open(self.log_dir / name, "rb") as log:
+                    log.seek(self.log_starts.get(name, 0))
+                    found[name] = [line for line in log.read().decode(errors="replace").splitlines()
+                                   if any(mark in line for mark in marks)]
+        frontend = list(dict.fromkeys(line.split(" - ", 1)[-1] for line in found[TS_LOG]))[-2:]  # it logs each twice
+        return "\n".join(found[MODEL_LOG][-(lines - len(frontend)):] + frontend)
 
     def processes(self) -> list[psutil.Process]:
         """The frontend and all its descendants (the Python workers)."""

@@ -201,3 +201,22 @@ def test_a_bad_setting_is_named_before_anything_starts(tmp_path, store, env, mes
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.startswith("error: ")
+
+
+def test_a_failed_start_reports_only_its_own_worker_errors(tmp_path):
+    """TorchServe appends to its logs across starts: the errors a start reports are those it wrote,
+    the frontend's word on a worker that did not answer in time included."""
+    from graviton_serve.paths import CONFIG_FILE
+
+    server = TorchServe(tmp_path / "run", tmp_path, CONFIG_FILE, ports=Ports.free())
+    server.log_dir.mkdir(parents=True)
+    (server.log_dir / "model_log.log").write_text("MODEL_LOG - ValueError: from an earlier start\n")
+    (server.log_dir / "ts_log.log").write_text("Load model failed: old, error: Worker died.\n")
+    server.log_starts = {name: (server.log_dir / name).stat().st_size for name in ("model_log.log", "ts_log.log")}
+    with open(server.log_dir / "model_log.log", "a") as log:
+        log.write("MODEL_LOG - RuntimeError: this start's\nMODEL_LOG - loading\n")
+    with open(server.log_dir / "ts_log.log", "a") as log:
+        log.write("W-9000 - WorkerInitializationException: Backend worker did not respond in given time\n" * 2)
+    assert server.worker_errors().splitlines() == [
+        "MODEL_LOG - RuntimeError: this start's",
+        "WorkerInitializationException: Backend worker did not respond in given time"]
