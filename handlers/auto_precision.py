@@ -8,7 +8,7 @@ batch took 626 ms in one start and 267 ms in the other). So:
 - a worker that must time starts alone: it holds the server's start lock exclusively from
   loading its model to the end of its timing, while every other worker holds it shared for its
   own start (loading, guards). Workers that do not time start side by side, never during a
-  timing. A worker that cannot get the lock within its wait goes on without it and keeps nothing;
+  timing. A worker that cannot get the lock within its wait goes on without it;
 - the outcome is kept in the cache folder (GS_PRECISION_CACHE_DIR; the launch path sets one per
   server) under a key of everything that can change it: the archive's files, the CPU (model and
   the flags that change kernels), torch's version, the device, the worker's threads, the
@@ -20,6 +20,9 @@ batch took 626 ms in one start and 267 ms in the other). So:
   start (seven worker processes importing torch), and a first start timed beside that chose
   bf16 for MNIST at 18.0 ms fp32 where a quiet measurement gives 1.8 ms and keeps fp32. What
   others used while it timed is in the outcome's words;
+- each precision runs at least AUTO_ROUNDS times and AUTO_SECONDS_EACH in all;
+- a timing is kept only if it was quiet (others under QUIET_SHARE), had the lock, and the folder
+  can be written; a kept file that is not a whole record is ignored. The cache never stops a start;
 - a reduced precision must beat fp32 by AUTO_MIN_GAIN.
 
 Delete the folder (or change anything in the key) to time again.
@@ -108,6 +111,8 @@ def chosen(medians: dict[str, float]) -> str:
 def verdict(precision: str, timings: dict[str, float]) -> str:
     """In words: how the chosen precision compares with fp32 and the fastest."""
     fastest_one = min(timings, key=timings.get)
+    if timings["fp32"] <= 0:  # below the record's resolution: no ratio to give
+        return f"{precision} chosen"
     if precision != "fp32":
         return f"{precision} {1 - timings[precision] / timings['fp32']:.0%} faster than fp32"
     if fastest_one == "fp32":
@@ -184,7 +189,7 @@ def decide(model_name: str, key: dict[str, Any], kept: Outcome | None, passed: l
         # /proc/stat counts in ticks of 10 ms: a share needs a window of many ticks to mean anything
         time.sleep(max(0.0, QUIET_WINDOW_S - (time.monotonic() - began)))
     timed_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    outcome = Outcome(best, {precision: round(1000 * value, 1) for precision, value in seconds.items()}, "", timed_at,
+    outcome = Outcome(best, {precision: round(1000 * value, 3) for precision, value in seconds.items()}, "", timed_at,
                       round(others.share, 3))
     if not alone:
         return dataclasses.replace(outcome, source="timed at this start beside other workers' starts "

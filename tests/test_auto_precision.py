@@ -58,6 +58,8 @@ def test_an_outcome_timed_alone_is_kept_and_read_back_without_timing(tmp_path):
     again = decide("m", key(tmp_path), kept, ["fp32", "int8"], time_them, alone=True, folder=cache)
     assert timed == [1]
     assert first.precision == again.precision == "int8" and again.timings_ms == {"fp32": 10.0, "int8": 5.1}
+    assert first.words(2).startswith("auto: fastest that passed its guards by 15% over fp32, timed on 2 check inputs "
+                                     "as one batch: fp32 10.0 ms, int8 5.1 ms, int8 49% faster than fp32 (timed at ")
     assert first.source.startswith("timed at this start, cached in ") and again.source.startswith("cache ")
     assert again.timed_at == first.timed_at
     assert kept_outcome("m", key(tmp_path, cpu_identity="aarch64 hwcap 0x0 hwcap2 0x0"), cache) is None
@@ -197,3 +199,4 @@ def test_the_words_say_why_fp32_was_kept():
     assert auto_precision.verdict("fp32", {"fp32": 1.8, "bf16": 1.6}) == "bf16 only 11% faster than fp32, under 15%: fp32 kept"
     assert auto_precision.verdict("int8", {"fp32": 12.9, "bf16": 14.0, "int8": 8.6}) == "int8 33% faster than fp32"
     assert auto_precision.verdict("fp32", {"fp32": 1.0, "bf16": 2.0}) == "fp32 the fastest"
+    assert auto_precision.verdict("int8", {"fp32": 0.0, "int8": 0.0}) == "int8 chosen"  # under 1 µs: no ratio
