@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from handlers.launch import PRECISION_CACHE_DIR_VAR
+from handlers.cpu_features import AS_CPU, CPU_AS_VAR
+from handlers.launch import FAST_MATH_VAR, PRECISION_CACHE_DIR_VAR
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,9 @@ TORCHSERVE_STARTUP_TIMEOUT_S = 120
 QUIET_SHARE = 0.10  # other processes' share of all CPUs under which the machine counts as quiet
 QUIET_WAIT_S = 15.0  # how long a worker waits for quiet before it times anyway
 QUIET_WINDOW_S = 0.5
-# The variables that change which kernels torch's libraries run (handlers.cpu_features.AS_CPU).
-KERNEL_VARS = ("GS_CPU_AS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
-               "FBGEMM_ENABLE_INSTRUCTIONS", "DNNL_DEFAULT_FPMATH_MODE")
+# The variables that change which kernels torch's libraries run: GS_CPU_AS, the caps it comes
+# with (handlers.cpu_features.AS_CPU), and oneDNN's default math.
+KERNEL_VARS = (CPU_AS_VAR, *dict.fromkeys(name for cpu in AS_CPU.values() for name in cpu.kernel_limits), FAST_MATH_VAR)
 
 
 @dataclass(frozen=True)
