@@ -4,6 +4,9 @@ Each archive carries: the model module as its handler (top level, as TorchServe 
 the whole ``handlers`` package beside it (the core the module imports), the weights,
 ``metadata.json`` (what the model is and how well it did; TorchServe's customized describe
 returns it), and a model-config.yaml. It needs nothing of this project at serving time.
+
+``build_vision_archive`` and ``build_text_archive`` pack real, downloaded models (``cli
+build-vision`` / ``build-text``); the offline demos are built by ``graviton_serve.demo_store``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from graviton_serve.paths import HANDLERS_DIR
+from graviton_serve.progress import say
 
 # TorchServe's own per-model keys; ours live under "handler" (see handlers.settings.read_settings).
 TORCHSERVE_MODEL_KEYS = {
@@ -108,3 +112,47 @@ def run_archiver(name: str, serialized_file: Path, handler: Path | str, export_d
         if result.returncode != 0:
             raise RuntimeError(f"torch-model-archiver failed for {name}:\n{result.stdout}{result.stderr}")
     return export_dir / f"{name}.mar"
+
+
+def build_vision_archive(name: str, architecture: str, weights: str, store: Path, weights_file: Path | None = None) -> Path:
+    """A real ResNet/DenseNet archive ``<store>/<name>.mar``: torchvision's pretrained weights
+    entry ``weights`` (downloaded once by torch.hub) or a local state-dict file, packed so that
+    serving needs no download. ValueError for an architecture or entry torchvision lacks."""
+    import torch
+
+    from graviton_serve.demos.vision import pretrained_network
+    from graviton_serve.families import family
+
+    network, metadata = pretrained_network(architecture, weights, weights_file)
+    with tempfile.TemporaryDirectory() as work:
+        state = Path(work) / f"{name}.pt"
+        torch.save(network.state_dict(), state)
+        say(f"{name}: packaging {name}.mar")
+        config = family("vision").model_config(architecture=architecture, weights=weights)
+        spec = ArchiveSpec(name, "vision", state, config, {"model": name, **metadata})
+        return build_archive(spec, store)
+
+
+def build_text_archive(name: str, task: str, source: str, store: Path) -> Path:
+    """A real text archive ``<store>/<name>.mar`` for the text family serving ``task`` (e.g.
+    "sentiment", "fill-mask"), from a Hugging Face hub id (downloaded once) or a local folder:
+    config, weights and tokenizer files packed so that serving needs no download. ValueError for
+    an unknown task."""
+    from transformers import AutoTokenizer
+
+    from graviton_serve.families import for_task
+
+    text_family = for_task(task)
+    say(f"{name}: loading {source}")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = text_family.handler_class.auto_model.from_pretrained(source)  # the Auto class its handler loads with
+    with tempfile.TemporaryDirectory() as work:
+        folder = Path(work)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        weights = folder / "model.safetensors"
+        extras = [path for path in sorted(folder.iterdir()) if path != weights]
+        metadata = {"model": name, "trained": True, "source": source, "task": text_family.task}
+        say(f"{name}: packaging {name}.mar")
+        spec = ArchiveSpec(name, text_family.name, weights, text_family.model_config(), metadata, extras)
+        return build_archive(spec, store)

@@ -64,12 +64,12 @@ def archive_label(archive: Path) -> str:
 
 
 def usage_text(server: TorchServe) -> str:
-    key_file = server.key_file
+    key_file = server.run_folder.key_file
     inference_key = f"$(python3 -c 'import json;print(json.load(open(\"{key_file}\"))[\"inference\"][\"key\"])')"
     lines = [
         f"TorchServe is up (frontend pid {server.pid}); run folder {server.run_dir}",
         f"  token key file: {key_file}  (inference, management keys; sent as 'Authorization: Bearer <key>')",
-        f"  logs: {server.log_dir}   metrics: {server.url('metrics', 'metrics')}",
+        f"  logs: {server.run_folder.logs}   metrics: {server.url('metrics', 'metrics')}",
         f"  KEY={inference_key}",
     ]
     for name in server.expected_models():
@@ -86,7 +86,7 @@ def serve(stop: bool, foreground: bool) -> int:
         say("TorchServe stopped" if was_running else "TorchServe was not running")
         return 0
     from graviton_serve.demo_store import build_demo_store
-    from graviton_serve.drain import serve_foreground
+    from graviton_serve.foreground import serve_foreground
 
     build_demo_store(MODEL_STORE)
     if server.is_running():
@@ -106,9 +106,9 @@ def serve(stop: bool, foreground: bool) -> int:
 # -- commands: each one's arguments and what it runs (importing its modules only then) -------------
 
 def build_store_arguments(parser: argparse.ArgumentParser) -> None:
-    from graviton_serve.demo_store import DEMO_MODELS
+    from graviton_serve.families import demos
 
-    parser.add_argument("models", nargs="*", help="default: every demo model (" + ", ".join(DEMO_MODELS) + ")")
+    parser.add_argument("models", nargs="*", help="default: every demo model (" + ", ".join(demos()) + ")")
     parser.add_argument("--store", type=Path, default=MODEL_STORE)
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
 
@@ -128,7 +128,7 @@ def build_vision_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_vision(args: argparse.Namespace) -> None:
-    from graviton_serve.demo_store import build_vision_archive
+    from graviton_serve.archive import build_vision_archive
 
     build_vision_archive(args.name, args.architecture, args.weights, args.store, args.weights_file)
 
@@ -144,7 +144,7 @@ def build_text_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_text(args: argparse.Namespace) -> None:
-    from graviton_serve.demo_store import build_text_archive
+    from graviton_serve.archive import build_text_archive
 
     build_text_archive(args.name, args.task, args.source, args.store)
 

@@ -18,10 +18,14 @@ the variable and exits 2):
     GS_DRAIN_TIMEOUT_S    30                               how long SIGTERM waits for in-flight requests
     GS_READY_TIMEOUT_S    600                              how long start-up may take
 
+(The two defaults are drain.DRAIN_TIMEOUT_S and server.READY_TIMEOUT_S; tests/test_container.py
+checks that this table says the same.)
+
 On SIGTERM (or SIGINT) the container marks itself draining (the readiness probe fails, so a
 load balancer stops sending), waits until every queued and running request is answered (or the
 drain timeout), then stops TorchServe and exits with its status. TorchServe alone would drop
-in-flight requests: its frontend closes their connections on SIGTERM (see graviton_serve.drain).
+in-flight requests: its frontend closes their connections on SIGTERM (see graviton_serve.drain and
+graviton_serve.foreground).
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from graviton_serve.drain import is_draining, serve_foreground
+from graviton_serve.drain import DRAIN_TIMEOUT_S, is_draining
+from graviton_serve.foreground import serve_foreground
 from graviton_serve.progress import say
-from graviton_serve.server import ServerError, TorchServe
+from graviton_serve.run_folder import RunFolder
+from graviton_serve.server import READY_TIMEOUT_S, ServerError, TorchServe
 from graviton_serve.torchserve_config import ConfigError
 from handlers.cpu_features import CpuAsError
 
@@ -81,8 +87,8 @@ class ContainerSettings:
             config=Path(environ.get("GS_CONFIG") or HOME / "config.properties"),
             run_dir=Path(environ.get("GS_RUN_DIR") or HOME / "run"),
             disable_token_auth=_flag(environ, "TS_DISABLE_TOKEN_AUTH", False),
-            drain_timeout_s=_seconds(environ, "GS_DRAIN_TIMEOUT_S", 30),
-            ready_timeout_s=_seconds(environ, "GS_READY_TIMEOUT_S", 600),
+            drain_timeout_s=_seconds(environ, "GS_DRAIN_TIMEOUT_S", DRAIN_TIMEOUT_S),
+            ready_timeout_s=_seconds(environ, "GS_READY_TIMEOUT_S", READY_TIMEOUT_S),
         )
         if not settings.model_store.is_dir():
             raise SettingsError(f"GS_MODEL_STORE={settings.model_store}: no such folder (mount the model store there)")
@@ -107,13 +113,13 @@ class ContainerSettings:
 
 def run(settings: ContainerSettings) -> int:
     server = settings.server()
-    say(f"token auth {'OFF (TS_DISABLE_TOKEN_AUTH)' if settings.disable_token_auth else f'on, keys in {server.key_file}'}")
+    say(f"token auth {'OFF (TS_DISABLE_TOKEN_AUTH)' if settings.disable_token_auth else f'on, keys in {server.run_folder.key_file}'}")
     return serve_foreground(server, settings.drain_timeout_s, settings.ready_timeout_s)
 
 
 def ready(settings: ContainerSettings) -> int:
     """0 if every model has a READY worker and the container is not draining (readiness probe)."""
-    if is_draining(settings.run_dir):
+    if is_draining(RunFolder(settings.run_dir)):
         print("draining", file=sys.stderr)
         return 1
     server = settings.server()

@@ -23,6 +23,7 @@ from types import ModuleType
 import grpc
 
 from graviton_serve.paths import RUN_DIR
+from graviton_serve.run_folder import RunFolder
 
 STUBS_PACKAGE = "graviton_serve.grpc_stubs"
 STUBS_DIR = Path(__file__).resolve().parent / "grpc_stubs"
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--inference-port", type=int, default=7070)
     parser.add_argument("--management-port", type=int, default=7071)
-    parser.add_argument("--key-file", type=Path, default=RUN_DIR / "key_file.json")
+    parser.add_argument("--key-file", type=Path, default=RunFolder(RUN_DIR).key_file)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("ping")
     commands.add_parser("list")
@@ -185,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.text is not None:
                 body = args.text.encode("utf-8")
             else:
-                body = sys.stdin.buffer.read() if str(args.file) == "-" else args.file.read_bytes()
+                try:
+                    body = sys.stdin.buffer.read() if str(args.file) == "-" else args.file.read_bytes()
+                except OSError as error:
+                    parser.error(f"cannot read {args.file}: {error.strerror or error}")
             inputs = {"data": body}
             for field in args.field:
                 key, _, value = field.partition("=")

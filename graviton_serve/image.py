@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 
 from graviton_serve import debian
+from graviton_serve.pip_mirror import local_folders, pip_config_text, pip_settings
 from graviton_serve.debian import machine_arch
 from graviton_serve.paths import CACHE_DIR, MODEL_STORE, ROOT
 from graviton_serve.progress import say
@@ -59,9 +59,6 @@ default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 """
-# What of the machine's pip configuration the build gets: where packages come from, and how long a
-# read may stall (the machine's proxy can; the default is 15 s).
-MIRRORED_PIP_KEYS = ("index-url", "extra-index-url", "find-links", "default-timeout")
 
 
 class ImageError(RuntimeError):
@@ -177,41 +174,6 @@ def ensure_base(engine: Podman, arch: str) -> str:
         raise ImageError(f"podman import failed: {_last_lines(imported.stderr.decode(errors='replace'))}")
     shutil.rmtree(root)
     return tag
-
-
-# --- pip inside the build ---------------------------------------------------------------------------------
-
-
-def pip_settings(python: str = sys.executable) -> dict[str, str]:
-    """This machine's pip index settings (MIRRORED_PIP_KEYS), as pip reports them."""
-    result = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True)
-    files: dict[str, str] = {}
-    environment: dict[str, str] = {}
-    for line in result.stdout.splitlines():
-        match = re.match(r"^([^.]*)\.([a-z-]+)='(.*)'$", line.strip())
-        if match and match.group(2) in MIRRORED_PIP_KEYS:
-            # PIP_* variables (":env:") override every configuration file, as in pip itself.
-            (environment if match.group(1) == ":env:" else files)[match.group(2)] = match.group(3)
-    return {**files, **environment}
-
-
-def local_folders(settings: dict[str, str]) -> list[Path]:
-    """The local folders those settings name, to mount into the build. A ``…/simple`` index's files
-    lie beside it, so its parent is mounted."""
-    folders: set[Path] = set()
-    for value in settings.values():
-        for item in value.split():
-            path = Path(item[len("file://"):]) if item.startswith("file://") else Path(item)
-            if item.startswith(("http://", "https://")) or not path.is_absolute() or not path.exists():
-                continue
-            folders.add(path.parent if path.name == "simple" else path)
-    return sorted(folders)
-
-
-def pip_config_text(settings: dict[str, str]) -> str:
-    lines = ["[global]", "cert = /etc/ssl/certs/ca-certificates.crt"]
-    lines += [f"{key} = {value}" for key, value in sorted(settings.items())]
-    return "\n".join(lines) + "\n"
 
 
 # --- the build -------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """Starting, watching and stopping a real TorchServe (Java frontend + Python workers).
 
-One ``TorchServe`` is one server instance with its own run folder: the rendered
-config.properties, logs, key file, metrics and temp files (TorchServe writes its pid file to
-Python's temp dir and worker sockets to Java's, so each instance gets its own TMPDIR and the
-tests never touch another server). It is stopped by its own PIDs, never by process name.
+One ``TorchServe`` is one server instance with its own run folder (its layout:
+graviton_serve.run_folder): the rendered config.properties, logs, key file, metrics and temp files
+(TorchServe writes its pid file to Python's temp dir and worker sockets to Java's, so each instance
+gets its own TMPDIR and the tests never touch another server). It is stopped by its own PIDs, never
+by process name.
 
 Its properties come from graviton_serve.torchserve_config, its management calls go through
-graviton_serve.management, and draining it is graviton_serve.drain.
+graviton_serve.management, draining it is graviton_serve.drain, and holding it in the foreground
+until SIGTERM is graviton_serve.foreground.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from pathlib import Path
 
 import psutil
 
-from graviton_serve.drain import busy_dir
 from graviton_serve.java import find_java_home
 from graviton_serve.management import ManagementClient
+from graviton_serve.run_folder import MODEL_LOG, TS_LOG, RunFolder
 from graviton_serve.torchserve_config import Ports, ServerConfig, write_properties
 from handlers.launch import launch_environment
 
@@ -38,10 +40,9 @@ class ServerError(RuntimeError):
     pass
 
 
-# How long a start waits for every model to be READY (as the container's GS_READY_TIMEOUT_S): the
-# first start on a machine times auto's precision one worker at a time.
-READY_TIMEOUT_S = 600.0
-MODEL_LOG, TS_LOG = "model_log.log", "ts_log.log"
+# How long a start waits for every model to be READY, in seconds (the container's GS_READY_TIMEOUT_S
+# default): the first start on a machine times auto's precision one worker at a time.
+READY_TIMEOUT_S = 600
 
 
 def _size(path: Path) -> int:
@@ -70,11 +71,7 @@ class TorchServe:
         self.ports = config.ports
         self.host = config.host
         self.token_auth = config.token_auth
-        self.config_path = self.run_dir / "config.properties"
-        self.log_dir = self.run_dir / "logs"
-        self.tmp_dir = self.run_dir / "tmp"
-        self.pid_file = self.tmp_dir / ".model_server.pid"
-        self.busy_dir = busy_dir(self.run_dir)  # a file per worker pid while it handles a batch
+        self.run_folder = RunFolder(self.run_dir)  # every path under run_dir
         self.log_starts: dict[str, int] = {}  # where this start's lines begin in TorchServe's logs
 
     # -- addresses and credentials ------------------------------------------------------------
@@ -83,13 +80,9 @@ class TorchServe:
         port = {"inference": self.ports.inference, "management": self.ports.management, "metrics": self.ports.metrics}[api]
         return f"http://{self.host}:{port}/{path.lstrip('/')}"
 
-    @property
-    def key_file(self) -> Path:
-        return self.run_dir / "key_file.json"
-
     def token(self, api: str = "inference") -> str:
         """The bearer token for ``inference`` or ``management`` from this instance's key file."""
-        keys = json.loads(self.key_file.read_text())
+        keys = json.loads(self.run_folder.key_file.read_text())
         return keys[api]["key"]
 
     def auth(self, api: str = "inference") -> dict[str, str]:
@@ -105,7 +98,7 @@ class TorchServe:
     @property
     def pid(self) -> int | None:
         try:
-            return int(self.pid_file.read_text().strip())
+            return int(self.run_folder.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
 
@@ -122,16 +115,16 @@ class TorchServe:
     def environment(self) -> dict[str, str]:
         env = launch_environment(
             {key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
-            core_lock_dir=str(self.run_dir / "cores"),
-            busy_dir=str(self.busy_dir),
-            precision_cache_dir=str(self.run_dir / "precision"),  # kept across restarts of this run folder
+            core_lock_dir=str(self.run_folder.core_locks),
+            busy_dir=str(self.run_folder.busy),
+            precision_cache_dir=str(self.run_folder.precision_cache),  # kept across restarts of this run folder
         )
         env.update(
             JAVA_HOME=str(find_java_home()),
-            TMPDIR=str(self.tmp_dir),
-            TEMP=str(self.tmp_dir),
-            LOG_LOCATION=str(self.log_dir),
-            METRICS_LOCATION=str(self.log_dir),
+            TMPDIR=str(self.run_folder.tmp),
+            TEMP=str(self.run_folder.tmp),
+            LOG_LOCATION=str(self.run_folder.logs),
+            METRICS_LOCATION=str(self.run_folder.logs),
         )
         return env
 
@@ -144,21 +137,21 @@ class TorchServe:
         """
         if self.is_running():
             raise ServerError(f"a TorchServe of this run folder is already running (pid {self.pid}); stop it first")
-        for folder in (self.run_dir, self.log_dir, self.tmp_dir, self.busy_dir):
+        for folder in (self.run_dir, self.run_folder.logs, self.run_folder.tmp, self.run_folder.busy):
             folder.mkdir(parents=True, exist_ok=True)
-        self.pid_file.unlink(missing_ok=True)
-        self.key_file.unlink(missing_ok=True)
+        self.run_folder.pid_file.unlink(missing_ok=True)
+        self.run_folder.key_file.unlink(missing_ok=True)
         # TorchServe appends to its logs: what this start wrote begins at these sizes
-        self.log_starts = {name: _size(self.log_dir / name) for name in (MODEL_LOG, TS_LOG)}
-        write_properties(self.config_path, self.properties)
+        self.log_starts = {name: _size(self.run_folder.log(name)) for name in (MODEL_LOG, TS_LOG)}
+        write_properties(self.run_folder.config, self.properties)
         command = [
             str(Path(sys.executable).with_name("torchserve")), "--start",
-            "--ts-config", str(self.config_path),
+            "--ts-config", str(self.run_folder.config),
             "--model-store", str(self.model_store),
         ]
         if foreground:
             command.append("--foreground")
-        with open(self.log_dir / "console.log", "ab") as console:
+        with open(self.run_folder.console_log, "ab") as console:
             launcher = subprocess.Popen(
                 command, cwd=self.run_dir, env=self.environment(), stdout=console, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
@@ -186,8 +179,8 @@ class TorchServe:
         status: dict[str, str] = {}
         while time.monotonic() < deadline:
             if self.pid is not None and not self.is_running():
-                raise ServerError(f"TorchServe exited during start-up; see {self.log_dir / 'ts_log.log'}\n{self.log_tail()}")
-            if self.key_file.exists() or not self.token_auth:
+                raise ServerError(f"TorchServe exited during start-up; see {self.run_folder.log(TS_LOG)}\n{self.log_tail()}")
+            if self.run_folder.key_file.exists() or not self.token_auth:
                 status = {name: client.status(name) for name in expected}
                 if all(state == "READY" for state in status.values()):
                     return status
@@ -195,7 +188,7 @@ class TorchServe:
                 raise StartCancelled(f"start-up cancelled; models then: {status or 'frontend not up'}")
         errors = self.worker_errors()
         raise ServerError(
-            f"not every model was READY within {timeout:.0f}s: {status or 'frontend not up'}; see {self.log_dir}\n"
+            f"not every model was READY within {timeout:.0f}s: {status or 'frontend not up'}; see {self.run_folder.logs}\n"
             + (f"the workers' last errors:\n{errors}" if errors else self.log_tail())
         )
 
@@ -208,7 +201,7 @@ class TorchServe:
                             (TS_LOG, ("did not respond", "Load model failed", "Worker died"))):
             found[name] = []
             with contextlib.suppress(OSError):
-                with open(self.log_dir / name, "rb") as log:
+                with open(self.run_folder.log(name), "rb") as log:
                     log.seek(self.log_starts.get(name, 0))
                     found[name] = [line for line in log.read().decode(errors="replace").splitlines()
                                    if any(mark in line for mark in marks)]
@@ -231,13 +224,13 @@ class TorchServe:
             for process in alive:
                 process.kill()
             psutil.wait_procs(alive, timeout=10)
-        self.pid_file.unlink(missing_ok=True)
-        self.key_file.unlink(missing_ok=True)
+        self.run_folder.pid_file.unlink(missing_ok=True)
+        self.run_folder.key_file.unlink(missing_ok=True)
 
-    def log_tail(self, lines: int = 20, name: str = "ts_log.log") -> str:
-        path = self.log_dir / name
+    def log_tail(self, lines: int = 20, name: str = TS_LOG) -> str:
+        path = self.run_folder.log(name)
         if not path.exists():
-            path = self.log_dir / "console.log"
+            path = self.run_folder.console_log
         if not path.exists():
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -15,11 +15,11 @@ batch took 626 ms in one start and 267 ms in the other). So:
   candidates, and the variables that cap or change kernels. Which candidates pass their guards
   follows from these, so it is not part of the key. A later start with the same key reads the
   outcome back and does not time (nor lock anyone out);
-- before timing, the worker waits (up to QUIET_WAIT_S) until other processes use under
-  QUIET_SHARE of the machine's CPUs: the lock does not cover what happens before a worker's
-  start (seven worker processes importing torch), and a first start timed beside that chose
-  bf16 for MNIST at 18.0 ms fp32 where a quiet measurement gives 1.8 ms and keeps fp32. What
-  others used while it timed is in the outcome's words;
+- before timing, the worker waits until other processes use under quiet_start.QUIET_SHARE
+  of the machine's CPUs: the lock does not cover what happens before a worker's start (seven
+  worker processes importing torch), and a first start timed beside that chose bf16 for MNIST
+  at 18.0 ms fp32 where a quiet measurement gives 1.8 ms and keeps fp32. What others used
+  while it timed is in the outcome's words;
 - each precision runs at least AUTO_ROUNDS times and AUTO_SECONDS_EACH in all;
 - a timing is kept only if it was quiet (others under QUIET_SHARE), had the lock, and the folder
   can be written; a kept file that is not a whole record is ignored. The cache never stops a start;
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from handlers import quiet_start
 from handlers.cpu_features import AS_CPU, CPU_AS_VAR
 from handlers.launch import FAST_MATH_VAR, PRECISION_CACHE_DIR_VAR
 
@@ -59,9 +59,6 @@ AUTO_BUDGET_S = 20.0  # stop adding rounds after this long (each precision has h
 # archives say 300): a worker waits for the start lock at most half of it, and keeps the other
 # half for its own start (loading, guards, the quiet wait, timing).
 TORCHSERVE_STARTUP_TIMEOUT_S = 120
-QUIET_SHARE = 0.10  # other processes' share of all CPUs under which the machine counts as quiet
-QUIET_WAIT_S = 15.0  # how long a worker waits for quiet before it times anyway
-QUIET_WINDOW_S = 0.5
 # The variables that change which kernels torch's libraries run: GS_CPU_AS, the caps it comes
 # with (handlers.cpu_features.AS_CPU), and oneDNN's default math.
 KERNEL_VARS = (CPU_AS_VAR, *dict.fromkeys(name for cpu in AS_CPU.values() for name in cpu.kernel_limits), FAST_MATH_VAR)
@@ -150,7 +147,7 @@ def outcome_key(model_dir: Path, cpu_identity: str, torch_version: str, device: 
             "kernel_env": {name: environ[name] for name in KERNEL_VARS if name in environ}}
 
 
-def kept_outcome(model_name: str, key: dict[str, Any], folder: Path | None = None) -> Outcome | None:
+def kept_outcome(model_name: str, key: dict[str, Any], folder: Path) -> Outcome | None:
     """The outcome an earlier start kept for ``key``, or None."""
     entry = _entry(model_name, key, folder)
     try:
@@ -178,26 +175,26 @@ def _outcome(record: dict, source: str) -> Outcome | None:
 
 
 def decide(model_name: str, key: dict[str, Any], kept: Outcome | None, passed: list[str],
-           time_them: Callable[[], tuple[str, dict[str, float]]], alone: bool, folder: Path | None = None) -> Outcome:
+           time_them: Callable[[], tuple[str, dict[str, float]]], alone: bool, folder: Path) -> Outcome:
     """The kept outcome if it chose one of ``passed``; else ``time_them()``, kept for later
     starts if this worker timed ``alone`` (it held the start lock exclusively)."""
     if kept is not None and kept.precision in passed:
         return kept
-    wait_for_quiet()
-    with OthersBusy() as others:
+    quiet_start.wait_for_quiet()
+    with quiet_start.OthersBusy() as others:
         began = time.monotonic()
         best, seconds = time_them()
         # /proc/stat counts in ticks of 10 ms: a share needs a window of many ticks to mean anything
-        time.sleep(max(0.0, QUIET_WINDOW_S - (time.monotonic() - began)))
+        time.sleep(max(0.0, quiet_start.QUIET_WINDOW_S - (time.monotonic() - began)))
     timed_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     outcome = Outcome(best, {precision: round(1000 * value, 3) for precision, value in seconds.items()}, "", timed_at,
                       round(others.share, 3))
     if not alone:
         return dataclasses.replace(outcome, source="timed at this start beside other workers' starts "
                                                    "(the start lock was not had in time): not cached")
-    if outcome.others_busy >= QUIET_SHARE:  # a busy machine's timing is not kept: the next start times again
+    if outcome.others_busy >= quiet_start.QUIET_SHARE:  # a busy machine's timing is not kept: the next start times again
         return dataclasses.replace(outcome, source=f"timed at this start on a busy machine (other processes used "
-                                                   f"{QUIET_SHARE:.0%} or more of the CPUs): not cached")
+                                                   f"{quiet_start.QUIET_SHARE:.0%} or more of the CPUs): not cached")
     entry = _entry(model_name, key, folder)
     record = {"precision": best, "timings_ms": outcome.timings_ms, "timed_at": timed_at,
               "others_busy": outcome.others_busy, "key": key}
@@ -214,61 +211,17 @@ def decide(model_name: str, key: dict[str, Any], kept: Outcome | None, passed: l
     return dataclasses.replace(outcome, source=f"timed at this start, cached in {entry}")
 
 
-class OthersBusy:
-    """The share of all CPUs that processes other than this one used over a ``with`` block,
-    from /proc/stat (every CPU's busy time) less /proc/self/stat (this process's, all threads)."""
-
-    share = 0.0
-
-    def __enter__(self) -> "OthersBusy":
-        self._start = _cpu_ticks()
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self.share = _others_share(self._start, _cpu_ticks())
-        return False
-
-
-def wait_for_quiet(wait_s: float | None = None) -> None:
-    """Return once other processes used under QUIET_SHARE of the CPUs for a QUIET_WINDOW_S, or
-    after ``wait_s`` (QUIET_WAIT_S) either way."""
-    deadline = time.monotonic() + (QUIET_WAIT_S if wait_s is None else wait_s)
-    while time.monotonic() < deadline:
-        with OthersBusy() as others:
-            time.sleep(QUIET_WINDOW_S)
-        if others.share < QUIET_SHARE:
-            return
-
-
-def _cpu_ticks() -> tuple[int, int, int] | None:
-    """(all CPUs' busy ticks, all CPUs' total ticks, this process's ticks), or None where /proc is missing."""
-    try:
-        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, ValueError, IndexError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is already inside user
-    return total - idle, total, int(own[11]) + int(own[12])  # utime + stime (fields 14 and 15)
-
-
-def _others_share(start: tuple[int, int, int] | None, end: tuple[int, int, int] | None) -> float:
-    if start is None or end is None or end[1] <= start[1]:
-        return 0.0
-    others = (end[0] - start[0]) - (end[2] - start[2])
-    return max(0.0, others / (end[1] - start[1]))
-
-
 class AutoStart:
     """One worker's part: its key and kept outcome, its start under the lock, its decision."""
 
-    def __init__(self, model_name: str, model_dir: Path, tuning: Any, device: str, startup_timeout_s: int,
-                 folder: Path | None = None):
-        self.model_name, self.folder = model_name, folder
-        self.times = tuning.requested == "auto" and bool(tuning.candidates)  # auto, with something to time
-        self.key = outcome_key(model_dir, tuning.cpu, torch_version(), device, tuning.threads,
-                               tuning.candidates) if self.times else {}
-        self.kept = kept_outcome(model_name, self.key, folder) if self.times else None
+    def __init__(self, model_name: str, model_dir: Path, plan: Any, threads: int, device: str,
+                 startup_timeout_s: int, folder: Path | None = None):
+        """``plan``: the worker's ``precision.PrecisionPlan`` (requested, candidates, cpu)."""
+        self.model_name = model_name
+        self.folder = cache_dir() if folder is None else folder  # auto's cache, and the start lock's
+        self.times = plan.requested == "auto" and bool(plan.candidates)  # auto, with something to time
+        self.key = outcome_key(model_dir, plan.cpu, torch_version(), device, threads, plan.candidates) if self.times else {}
+        self.kept = kept_outcome(model_name, self.key, self.folder) if self.times else None
         self.wait_s = startup_timeout_s / 2
         self.alone = False  # held the lock exclusively: its timing is quiet, and kept
 
@@ -277,7 +230,7 @@ class AutoStart:
         """The worker's start (load, guards, timing): alone if it must time, else beside the
         other workers that do not."""
         exclusive = self.times and self.kept is None
-        with start_lock(exclusive, self.wait_s, self.folder) as locked:
+        with quiet_start.start_lock(exclusive, self.wait_s, self.folder) as locked:
             self.alone = locked and exclusive
             if self.alone:  # another worker of this model may have timed while this one waited
                 self.kept = kept_outcome(self.model_name, self.key, self.folder)
@@ -293,38 +246,5 @@ def torch_version() -> str:
     return torch.__version__
 
 
-@contextlib.contextmanager
-def start_lock(exclusive: bool, wait_s: float, folder: Path | None = None) -> Iterator[bool]:
-    """Hold the cache folder's start lock for a worker's start: exclusively for a worker that
-    will time, shared for the others. Yields whether it was had within ``wait_s`` (if not, the
-    start goes on without it). The kernel drops a dead worker's lock with its open file."""
-    folder = cache_dir() if folder is None else folder
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / "start.lock", "a+")
-    except OSError:  # a read-only or missing folder: no lock to share, start without it
-        yield False
-        return
-    with handle:
-        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(handle, mode | fcntl.LOCK_NB)
-                locked = True
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    locked = False
-                    break
-                time.sleep(0.1)
-        try:
-            yield locked
-        finally:
-            if locked:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _entry(model_name: str, key: dict[str, Any], folder: Path | None) -> Path:
-    folder = cache_dir() if folder is None else folder
+def _entry(model_name: str, key: dict[str, Any], folder: Path) -> Path:
     return folder / f"{model_name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"

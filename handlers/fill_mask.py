@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 from handlers.errors import BadInput
-from handlers.lifecycle import TorchServeHandler
+from handlers.torchserve_wire import TorchServeHandler
 from handlers.payload import Payload
 from handlers.settings import Setting, positive_int
 from handlers.text import TextHandler, TextItem

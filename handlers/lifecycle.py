@@ -1,66 +1,44 @@
 """The request lifecycle, owned once for every model: read this file top to bottom.
 
-TorchServe imports a model's handler module and calls its ``handle(data, context)``: once with
-``data=None`` when the worker starts, then once per batch of requests. ``handle`` is a
-``TorchServeHandler``: at start it builds a ``Worker`` (settings, device, threads, the model,
-precision and compile); per batch the worker
+A ``Worker`` is one model in one process, built from plain arguments (the model's name, its
+unpacked folder, its model-config.yaml, the device), so any front end can drive it: TorchServe's
+(``handlers.torchserve_wire``), the bench's raw forward. At start it reads the settings, sizes
+the threads, loads the model and applies the precision ``handlers.precision`` chose (and
+torch.compile if asked). Per batch it
 
     1. decodes each request alone     ModelHandler.decode; a bad one gets its 4xx, the rest go on
     2. collates the decoded items     ModelHandler.collate, moved to the device
     3. runs one forward               under inference mode, in the chosen precision
     4. splits the outputs per item    ModelHandler.postprocess, then moved to the CPU
     5. encodes each answer alone      ModelHandler.encode
-    6. sets each request's status     one table (handlers.errors) gives status, body, log level
-    7. records the stages' seconds    TorchServe metrics (handlers.torchserve_wire), on Prometheus
+    6. gives each request its status  one table (handlers.errors) gives status, body, log level
 
-and always returns one answer per request. If the forward runs out of memory, each item is
-retried alone, so only the item that does not fit gets its 507.
+and always returns one reply per request, with the seconds each stage took. If the forward runs
+out of memory, each item is retried alone, so only the item that does not fit gets its 507.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from handlers import acceleration, auto_precision, torchserve_wire, tuning
+from handlers import auto_precision, precision, torch_compile, tuning
 from handlers.errors import error_body, kind_of
+from handlers.launch import launch_env_report
 from handlers.model_handler import ModelHandler
 from handlers.payload import Payload
+from handlers.precision_modes import precision_mode
 from handlers.settings import CORE_SETTINGS, read_settings
 
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.json"  # what the model is and how well it did; returned by describe
-
-
-class TorchServeHandler:
-    """The ``handle(data, context)`` callable a handler module exposes to TorchServe."""
-
-    def __init__(self, make_handler: Callable[[], ModelHandler]):
-        self.make_handler = make_handler
-        self.worker: Worker | None = None
-        self.busy: torchserve_wire.BusyMarker | None = None
-        self.enveloped: bool | None = None  # decided on the first batch: the caller is fixed for the worker's life
-
-    def __call__(self, data: Any, context: Any) -> Any:
-        if self.worker is None:
-            self.worker = Worker(self.make_handler(), context)
-            self.busy = torchserve_wire.BusyMarker()
-            log.info("%s: ready on %s, pid %d", self.worker.model_name, self.worker.device, os.getpid())
-        if data is None:
-            return None
-        if self.enveloped is None:
-            self.enveloped = torchserve_wire.called_by_envelope(sys._getframe(1))
-        with self.busy:
-            return self.worker.handle(data, context, self.enveloped)
 
 
 @dataclass(frozen=True)
@@ -71,8 +49,7 @@ class Reply:
 
 @dataclass
 class StageSeconds:
-    """Where one batch's time went (exported per batch as TorchServe metrics)."""
-
+    """Where one batch's time went (a front end exports them per batch)."""
     decode: float = 0.0  # every request's decode (bytes -> tensors)
     forward: float = 0.0  # collate, the forward on the device, postprocess, back to the CPU
     encode: float = 0.0  # every answer's encode
@@ -80,122 +57,59 @@ class StageSeconds:
 
 
 class Worker:
-    """One model in one TorchServe worker process: built once at start, then serves batches."""
+    """One model in one process, built once at start. ``model_dir``: the unpacked archive (weights,
+    metadata.json); ``config``: its model-config.yaml as a dict (our ``handler:`` section,
+    TorchServe's minWorkers and startupTimeout); ``device``: "cpu" or "cuda:N";
+    ``serialized_file``: the manifest's model file. A bad ``handler:`` setting: ValueError naming the key."""
 
-    def __init__(self, handler: ModelHandler, context: Any):
-        config = getattr(context, "model_yaml_config", None) or {}
-        self.handler = handler
-        self.model_name = context.model_name
-        self.model_dir = Path(context.system_properties["model_dir"])
+    def __init__(self, handler: ModelHandler, model_name: str, model_dir: Path | str, config: dict | None = None,
+                 device: torch.device | str = "cpu", serialized_file: str | None = None):
+        config = config or {}
+        self.handler, self.model_name, self.model_dir = handler, model_name, Path(model_dir)
         self.settings = read_settings(config, {**CORE_SETTINGS, **handler.settings})
-        gpu_id = context.system_properties.get("gpu_id")
-        on_gpu = gpu_id is not None and torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{int(gpu_id)}" if on_gpu else "cpu")
-        if self.settings["precision"] == "int8" and not handler.offers_int8:
-            raise ValueError(f"model-config.yaml: 'handler.precision' is invalid: int8 is dynamic quantization of "
-                             f"nn.Linear layers, offered by text models and mnist, not by {type(handler).__name__}")
-        self.tuning = tuning.configure(self.model_name, self.device, self.settings["precision"],
-                                       self.settings["cores"], int(config.get("minWorkers", 1) or 1), handler.offers_int8)
+        self.device = torch.device(device)
+        self.plan = precision.plan(self.settings["precision"], self.device, type(handler).__name__, handler.offers_int8)
+        self.threads = tuning.configure(self.device, self.settings["cores"], int(config.get("minWorkers", 1) or 1))
+        log.info("%s: tuning: device=%s %s; %s; %s", model_name, self.device, self.threads.words, self.plan.words,
+                 launch_env_report())
         metadata_path = self.model_dir / METADATA_FILE
         self.metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
-        serialized_file = (context.manifest or {}).get("model", {}).get("serializedFile")
         # auto's outcome is kept from an earlier start, or timed at this one with this worker
         # starting alone (handlers.auto_precision); every worker's start takes part in that lock.
-        self.auto = auto_precision.AutoStart(self.model_name, self.model_dir, self.tuning, str(self.device),
-                                             int(config.get("startupTimeout", auto_precision.TORCHSERVE_STARTUP_TIMEOUT_S)))
+        self.auto = auto_precision.AutoStart(model_name, self.model_dir, self.plan, self.threads.threads,
+                                             str(self.device), int(config.get("startupTimeout", auto_precision.TORCHSERVE_STARTUP_TIMEOUT_S)))
         with self.auto.starting():
             # What forwards run: fp32, or its int8 copy once chosen; self.runner is it or its compiled form.
             self.model = handler.load(self.model_dir, serialized_file, self.settings, self.device).to(self.device).eval()
             self.runner = self.model
-            self.precision, self.precision_why = "fp32", self.tuning.precision_reason
+            self.precision, self.precision_why = "fp32", self.plan.reason
             self._accelerate()
 
     def _accelerate(self) -> None:
-        """Reduced precision if its guards pass (auto: the fastest that passes); torch.compile if
-        asked (eager on failure)."""
+        """The precision ``handlers.precision`` chooses (its guards run the check inputs);
+        torch.compile if asked (eager on failure)."""
         wants_compile = self.settings["compile"] != "off"
-        if not self.tuning.candidates and not wants_compile:
+        if not self.plan.candidates and not wants_compile:
             return
         check_items = [self.handler.decode(payload) for payload in self.handler.check_inputs()]
-        if self.tuning.candidates:
-            self.precision, self.model, why = self._choose_precision(check_items)
+        if self.plan.candidates:
+            choice = precision.choose(self.plan, self.model, check_items, self._run, self.metadata, self.auto)
+            self.precision, self.model, self.precision_why = choice.precision, choice.model, choice.why
             self.runner = self.model
-            if self.precision == "fp32" and self.tuning.fpmath_env:
-                why += f"; {tuning.ONEDNN_KEPT_OUT}"
-            self.precision_why = why
-            log.info("%s: tuning: precision=%s (%s)", self.model_name, self.precision, why)
+            log.info("%s: tuning: precision=%s (%s)", self.model_name, self.precision, self.precision_why)
         if wants_compile and not check_items:
             log.warning("%s: tuning: compile skipped: no check inputs to compile and prove it on; eager", self.model_name)
         elif wants_compile:
-            self.runner = acceleration.compiled(
+            self.runner = torch_compile.compiled(
                 self.model, self.settings["compile"], self.settings["compile_timeout_s"],
                 lambda runner: self._run(runner, check_items, self.precision), self.model_name)
 
-    def _choose_precision(self, check_items: list) -> tuple[str, torch.nn.Module, str]:
-        """(precision, the module its forwards run, why). Each candidate must keep the fp32
-        top-1 of the check inputs, run as one batch and one by one; int8 must also not have lost
-        held-out accuracy at build (auto: a measurement must exist). Asked for one: it, if it
-        passed. auto: fp32 and the passed ones timed on the check inputs, the fastest kept
-        (handlers.auto_precision: timed by a worker that starts alone, kept for later starts)."""
-        candidates = self.tuning.candidates
-        if not check_items:
-            return "fp32", self.model, f"{', '.join(candidates)} refused: the model has no check inputs for the accuracy guard"
-        reference = self._run(self.model, check_items, "fp32")
-        passed: dict[str, torch.nn.Module] = {"fp32": self.model}
-        verdicts = []
-        for precision in candidates:
-            module = self.model
-            if precision == "int8":
-                held_out, words = acceleration.int8_held_out(self.metadata)
-                if held_out is False or (held_out is None and self.tuning.requested == "auto"):
-                    verdicts.append(f"int8 refused: {words}")
-                    continue
-                verdicts.append(words if held_out else f"int8 unproven: {words}")
-                module = acceleration.int8_model(self.model, self.tuning.int8_engine)
-            # As one batch and one by one: a kernel may go wrong for a shape it did not see first
-            # (torch 2.14's aarch64 int8 on the onednn engine did, under emulation).
-            outputs = self._run(module, check_items, precision)
-            alone = [output for item in check_items for output in self._run(module, [item], precision)]
-            ok, words = acceleration.accuracy_guard(precision, reference + reference, outputs + alone)
-            verdicts.append(words)
-            if ok:
-                passed[precision] = module
-        if len(passed) == 1:
-            return "fp32", self.model, "; ".join(verdicts) + "; using fp32"
-        if self.tuning.requested != "auto":
-            ((precision, module),) = [(p, m) for p, m in passed.items() if p != "fp32"]
-            return precision, module, "; ".join(reversed(verdicts))  # the guard's verdict first
-        outcome = self.auto.decide(list(passed), lambda: auto_precision.fastest(
-            lambda p: self._run(passed[p], check_items, p), list(passed)))
-        return outcome.precision, passed[outcome.precision], outcome.words(len(check_items)) + "; " + "; ".join(verdicts)
+    def describe(self) -> dict:
+        """The archive's metadata, and the precision this worker chose (auto decides it at start)."""
+        serving = {"precision": self.precision, "precision_why": self.precision_why}
+        return {"model": self.model_name, **self.metadata, "serving": serving}
 
     # -- one batch --------------------------------------------------------------------------------
-
-    def handle(self, data: list, context: Any, enveloped: bool = False) -> list:
-        if torchserve_wire.is_describe(context):
-            # The archive's metadata, and the precision this worker chose (auto decides it at start).
-            serving = {"precision": self.precision, "precision_why": self.precision_why}
-            return [json.dumps({"model": self.model_name, **self.metadata, "serving": serving})]
-        if enveloped:
-            # KServe v1 instances / v2 inputs of ONE request are the batch; the envelope wraps our
-            # list into one reply (status 200), so a failed instance carries its error body in place.
-            instances = [row if isinstance(row, dict) else {"data": row} for row in data]
-            replies, stages = self.answer([Payload.from_request(row) for row in instances])
-            torchserve_wire.record_stage_metrics(context, vars(stages))
-            return [reply.body for reply in replies]
-        payloads = []
-        for index, request in enumerate(data):
-            headers = torchserve_wire.request_headers(context, index)
-            if not torchserve_wire.arrived_over_http(headers):
-                torchserve_wire.mark_complete_for_grpc(context, index)
-            payloads.append(Payload.from_request(request, headers))
-        replies, stages = self.answer(payloads)
-        torchserve_wire.record_stage_metrics(context, vars(stages))
-        for index, reply in enumerate(replies):
-            if reply.status != 200:
-                context.set_response_status(reply.status, reply.body["type"], index)
-            context.set_response_content_type(index, "application/json")
-        return [json.dumps(reply.body) for reply in replies]
 
     def answer(self, payloads: list[Payload]) -> tuple[list[Reply], StageSeconds]:
         """One reply per payload, in order: decode each alone, one forward, encode each alone;
@@ -250,21 +164,20 @@ class Worker:
         try:
             return self._run(self.runner, items, precision or self.precision)
         except Exception as error:
-            if self.runner is self.model or not acceleration.is_compile_error(error):
+            if self.runner is self.model or not torch_compile.is_compile_error(error):
                 raise
             # A new input shape made the compiled model recompile, and that failed.
-            self.runner = acceleration.eager(self.model, f"recompiling failed ({acceleration.one_line(error)})",
-                                             self.model_name)
+            self.runner = torch_compile.eager(self.model, f"recompiling failed ({torch_compile.one_line(error)})",
+                                              self.model_name)
             return self._run(self.runner, items, precision or self.precision)
 
     def _run(self, runner: torch.nn.Module, items: list, precision: str) -> list:
-        batch = acceleration.to_device(self.handler.collate(items), self.device)
-        with torch.inference_mode(), acceleration.precision_mode(
-                precision, self.device, self.tuning.fast_math, self.tuning.fpmath_env):
+        batch = to_device(self.handler.collate(items), self.device)
+        with torch.inference_mode(), precision_mode(precision, self.device, self.plan.fast_math, self.plan.fpmath_env):
             rows = self.handler.postprocess(self.handler.forward(runner, batch), batch)
         if len(rows) != len(items):
             raise RuntimeError(f"{type(self.handler).__name__}.postprocess returned {len(rows)} outputs for {len(items)} items")
-        return [acceleration.to_device(row, torch.device("cpu")) for row in rows]
+        return [to_device(row, torch.device("cpu")) for row in rows]
 
     def _error_reply(self, index: int, error: Exception) -> Reply:
         kind = kind_of(error)
@@ -272,3 +185,16 @@ class Worker:
         log.log(kind.log_level, "%s: request %d of batch answered %d %s", self.model_name, index, kind.status,
                 type(error).__name__, exc_info=error if kind.status == 500 else None)
         return Reply(kind.status, error_body(error))
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Tensors in ``value`` (a tensor, or dicts/lists/tuples of them) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        # To CUDA from page-locked memory: the copy runs asynchronously (non_blocking needs it).
+        pinned = value.pin_memory() if device.type == "cuda" and value.device.type == "cpu" else value
+        return pinned.to(device, non_blocking=device.type == "cuda")
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(item, device) for item in value)
+    return value

@@ -18,11 +18,12 @@ from torch import nn
 
 from handlers.image_classification import ImageClassifier
 from handlers.images import to_gray
-from handlers.lifecycle import TorchServeHandler
+from handlers.torchserve_wire import TorchServeHandler
 
 SIDE = 28
 BOX = 20
 MEAN, STD = 0.1307, 0.3081  # MNIST's pixel statistics, as the network was trained with
+WEIGHTS_FILE = "mnist.pt"  # the state dict's file: the demo's archive holds it under this name
 
 
 class MnistNet(nn.Module):
@@ -81,7 +82,7 @@ class MnistHandler(ImageClassifier):
 
     def load_network(self, model_dir: Path, serialized_file: str | None, settings: dict) -> nn.Module:
         model = MnistNet()
-        model.load_state_dict(torch.load(model_dir / (serialized_file or "mnist_cnn.pt"), weights_only=True))
+        model.load_state_dict(torch.load(model_dir / (serialized_file or WEIGHTS_FILE), weights_only=True))
         return model
 
     def image_to_tensor(self, image: Image.Image) -> torch.Tensor:

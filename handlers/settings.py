@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from handlers import tuning
 
 SECTION = "handler"  # the model-config.yaml section that belongs to our handlers
+# handler.precision: "auto" times fp32 and every reduced precision that can pay here (handlers.precision)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,15 @@ def one_of(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def parse_cores(value: Any) -> int:
+    """``handler.cores``: "shared" (0) or how many cores each worker claims for itself (handlers.tuning)."""
+    if value in ("shared", 0, "0"):
+        return 0
+    if isinstance(value, bool) or not str(value).isdigit():
+        raise ValueError(f"expected 'shared' or a whole number of cores, got {value!r}")
+    return int(value)
+
+
 def compile_backend(value: Any) -> str:
     """``handler.compile``: "off", or a torch.compile backend by name (e.g. "inductor")."""
     if value in (False, None, "off"):
@@ -66,8 +76,8 @@ def compile_backend(value: Any) -> str:
 
 # Keys every model accepts under ``handler:``, beside its family's own.
 CORE_SETTINGS = {
-    "precision": Setting("auto", one_of(*tuning.PRECISIONS)),
-    "cores": Setting("shared", tuning.parse_cores),
+    "precision": Setting("auto", one_of(*PRECISIONS)),
+    "cores": Setting("shared", parse_cores),
     "compile": Setting("off", compile_backend),
     # Compiling must end well inside TorchServe's startup timeout (default 120 s), or eager it is.
     "compile_timeout_s": Setting(90, positive_int(3600)),

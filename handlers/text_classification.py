@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from handlers.lifecycle import TorchServeHandler
+from handlers.torchserve_wire import TorchServeHandler
 from handlers.text import TextHandler, TextItem
 
 

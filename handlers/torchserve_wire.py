@@ -1,16 +1,88 @@
-"""What TorchServe 0.12's worker protocol asks of a handler, beyond one answer per request:
-the customized describe call, gRPC's stream header, the KServe service envelope, request
-headers, and the busy marker a draining server reads. Facts from TorchServe's ``ts/`` sources.
+"""TorchServe's side of a worker: the ``handle(data, context)`` a handler module exposes, around
+a ``handlers.lifecycle.Worker`` that knows nothing of TorchServe. Here is all TorchServe 0.12's
+worker protocol asks beyond one answer per request: the worker's arguments from the context,
+the customized describe call, request headers and statuses, gRPC's stream header, the KServe
+service envelope, per-batch metrics, and the busy marker a draining server reads. Facts from
+TorchServe's ``ts/`` sources.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import sys
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 from handlers.launch import BUSY_DIR_VAR
+from handlers.lifecycle import Worker
+from handlers.model_handler import ModelHandler
+from handlers.payload import Payload
+
+log = logging.getLogger(__name__)
+
+
+class TorchServeHandler:
+    """The ``handle(data, context)`` callable a handler module exposes to TorchServe: called once
+    with ``data=None`` when the worker starts, then once per batch of requests."""
+
+    def __init__(self, make_handler: Callable[[], ModelHandler]):
+        self.make_handler = make_handler
+        self.worker: Worker | None = None
+        self.busy: BusyMarker | None = None
+        self.enveloped: bool | None = None  # decided on the first batch: the caller is fixed for the worker's life
+
+    def __call__(self, data: Any, context: Any) -> Any:
+        if self.worker is None:
+            self.worker = worker_from_context(self.make_handler(), context)
+            self.busy = BusyMarker()
+            log.info("%s: ready on %s, pid %d", self.worker.model_name, self.worker.device, os.getpid())
+        if data is None:
+            return None
+        if self.enveloped is None:
+            self.enveloped = called_by_envelope(sys._getframe(1))
+        with self.busy:
+            return handle_batch(self.worker, data, context, self.enveloped)
+
+
+def worker_from_context(handler: ModelHandler, context: Any) -> Worker:
+    """The worker's plain arguments, from what TorchServe hands a handler at start."""
+    properties = context.system_properties
+    gpu_id = properties.get("gpu_id")
+    device = f"cuda:{int(gpu_id)}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
+    serialized_file = (context.manifest or {}).get("model", {}).get("serializedFile")
+    return Worker(handler, context.model_name, properties["model_dir"],
+                  getattr(context, "model_yaml_config", None) or {}, device, serialized_file)
+
+
+def handle_batch(worker: Worker, data: list, context: Any, enveloped: bool = False) -> list:
+    """One TorchServe batch: one answer per request, each request's status and content type set."""
+    if is_describe(context):
+        return [json.dumps(worker.describe())]
+    if enveloped:
+        # KServe v1 instances / v2 inputs of ONE request are the batch; the envelope wraps our
+        # list into one reply (status 200), so a failed instance carries its error body in place.
+        instances = [row if isinstance(row, dict) else {"data": row} for row in data]
+        replies, stages = worker.answer([Payload.from_request(row) for row in instances])
+        record_stage_metrics(context, vars(stages))
+        return [reply.body for reply in replies]
+    payloads = []
+    for index, request in enumerate(data):
+        headers = request_headers(context, index)
+        if not arrived_over_http(headers):
+            mark_complete_for_grpc(context, index)
+        payloads.append(Payload.from_request(request, headers))
+    replies, stages = worker.answer(payloads)
+    record_stage_metrics(context, vars(stages))
+    for index, reply in enumerate(replies):
+        if reply.status != 200:
+            context.set_response_status(reply.status, reply.body["type"], index)
+        context.set_response_content_type(index, "application/json")
+    return [json.dumps(reply.body) for reply in replies]
 
 
 def is_describe(context: Any) -> bool:

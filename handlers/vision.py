@@ -17,7 +17,7 @@ from torch import nn
 
 from handlers.image_classification import ImageClassifier
 from handlers.images import check_resize, to_rgb
-from handlers.lifecycle import TorchServeHandler
+from handlers.torchserve_wire import TorchServeHandler
 from handlers.settings import Setting
 
 FAMILIES = ("resnet", "densenet", "wide_resnet", "resnext")

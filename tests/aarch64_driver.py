@@ -8,7 +8,7 @@ reply's status and JSON, and the handler core's "tuning:" log lines.
 JOB ``{"probe": "fast_math_switches"}``: after `import torch` and a first operation, (1)
 DNNL_DEFAULT_FPMATH_MODE=BF16 is set, (2) torch's fast-math switches are turned on, (3) a
 ResNet18 runs at 64x64 with and without them; nn.Linear (2-D and 3-D input), matmul and Conv2d
-run in (1) and (2). The tuning step's thread decision is reported too.
+run in (1) and (2). The tuning step's thread decision (its words for the tuning line) is reported too.
 
 With ONEDNN_VERBOSE=1, oneDNN prints each primitive it runs on stdout; the driver prints a
 ``#graviton-serve <model or phase> <step>`` line before each part, so the test can tell whose
@@ -73,9 +73,9 @@ def fast_math_switches() -> dict:
     import torch
     import torchvision
 
-    from handlers import acceleration, tuning
+    from handlers import precision_modes, tuning
 
-    decided = tuning.configure("probe", torch.device("cpu"), "auto")
+    decided = tuning.configure(torch.device("cpu"))
     torch.manual_seed(0)
     linear, conv = torch.nn.Linear(64, 32), torch.nn.Conv2d(3, 8, 3)
     inputs = {"linear_2d": torch.randn(4, 64), "linear_3d": torch.randn(2, 4, 64), "matmul": torch.randn(2, 4, 16, 64),
@@ -94,17 +94,18 @@ def fast_math_switches() -> dict:
         mark("late_variable", "run")
         layers()
         mark("switches", "run")
-        with acceleration.mkldnn_bf16():
+        with precision_modes.mkldnn_bf16():
             layers()
         network = torchvision.models.resnet18(num_classes=1000).eval()
         image = torch.rand(1, 3, 64, 64)
         mark("resnet18_fp32", "run")
         exact = network(image)
         mark("resnet18_switches", "run")
-        with acceleration.mkldnn_bf16():
+        with precision_modes.mkldnn_bf16():
             fast = network(image)
         mark("end", "run")
-    return {"threads": decided.threads, "torch_threads": torch.get_num_threads(), "affinity": sorted(os.sched_getaffinity(0)),
+    return {"threads": decided.threads, "threads_why": decided.words, "torch_threads": torch.get_num_threads(),
+            "affinity": sorted(os.sched_getaffinity(0)),
             "resnet18": {"top1_same": bool(exact.argmax() == fast.argmax()), "largest_change": float((exact - fast).abs().max()),
                          "logit_range": float(exact.max() - exact.min())}}
 

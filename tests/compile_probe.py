@@ -6,7 +6,7 @@ so the compiled and eager answers can be compared. Used only by tests/test_compi
 
 import torch
 
-from handlers.lifecycle import TorchServeHandler
+from handlers.torchserve_wire import TorchServeHandler
 from handlers.model_handler import ModelHandler
 from handlers.errors import BadInput
 from handlers.payload import Payload

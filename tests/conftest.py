@@ -14,8 +14,9 @@ from graviton_serve.demo_store import build_demo_store
 from graviton_serve.paths import CONFIG_FILE, MODEL_STORE
 from graviton_serve.server import TorchServe
 from graviton_serve.torchserve_config import Ports
-from handlers import auto_precision
+from handlers import quiet_start
 from handlers.launch import PRECISION_CACHE_DIR_VAR
+from handlers.mnist import WEIGHTS_FILE
 
 TESTS = Path(__file__).resolve().parent
 
@@ -27,7 +28,7 @@ def own_precision_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv(PRECISION_CACHE_DIR_VAR, str(tmp_path_factory.mktemp("precision-cache")))
     # and do not depend on what else this machine runs: no waiting for quiet, every timing kept
     # (tests/test_auto_precision.py sets the share back where it tests that rule)
-    monkeypatch.setattr(auto_precision, "QUIET_SHARE", 1.01)
+    monkeypatch.setattr(quiet_start, "QUIET_SHARE", 1.01)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +48,7 @@ def mnist_dir(mnist_mar, tmp_path_factory) -> Path:
 
 def mnist_variant(mnist_dir: Path, export_dir: Path, name: str, model_config: dict) -> Path:
     """The demo MNIST model repackaged under ``name`` with another model-config.yaml."""
-    spec = ArchiveSpec(name=name, handler_module="mnist", weights=mnist_dir / "mnist.pt", model_config=model_config,
+    spec = ArchiveSpec(name=name, handler_module="mnist", weights=mnist_dir / WEIGHTS_FILE, model_config=model_config,
                        metadata=json.loads((mnist_dir / "metadata.json").read_text()))
     return build_archive(spec, export_dir)
 

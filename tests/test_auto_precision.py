@@ -13,7 +13,9 @@ import time
 import pytest
 
 from handlers import auto_precision
-from handlers.auto_precision import OthersBusy, decide, kept_outcome, outcome_key, start_lock
+from handlers import quiet_start
+from handlers.auto_precision import decide, kept_outcome, outcome_key
+from handlers.quiet_start import OthersBusy, start_lock
 from tests.test_int8 import HELD_OUT_KEPT, int8_probe, tuning_lines
 
 pytestmark = pytest.mark.cpu_sensitive
@@ -186,9 +188,9 @@ def test_an_unwritable_cache_folder_serves_and_keeps_nothing(tmp_path, monkeypat
 
 
 def test_a_timing_on_a_busy_machine_is_not_kept(tmp_path, monkeypatch):
-    monkeypatch.setattr(auto_precision, "QUIET_SHARE", 0.10)
-    monkeypatch.setattr(auto_precision, "QUIET_WAIT_S", 0.0)
-    monkeypatch.setattr(auto_precision, "_others_share", lambda start, end: 0.86)
+    monkeypatch.setattr(quiet_start, "QUIET_SHARE", 0.10)
+    monkeypatch.setattr(quiet_start, "QUIET_WAIT_S", 0.0)
+    monkeypatch.setattr(quiet_start, "_others_share", lambda start, end: 0.86)
     outcome = decide("m", key(tmp_path), None, ["fp32"], lambda: ("fp32", {"fp32": 0.01}), alone=True,
                      folder=tmp_path / "cache")
     assert outcome.others_busy == 0.86 and outcome.source.endswith("(other processes used 10% or more of the CPUs): not cached")

@@ -17,9 +17,12 @@ import psutil
 import pytest
 import requests
 
+from graviton_serve import container as container_main
 from graviton_serve.archive import ArchiveSpec, build_archive
+from graviton_serve.drain import DRAIN_TIMEOUT_S
 from graviton_serve.paths import ROOT
-from graviton_serve.server import TorchServe
+from graviton_serve.run_folder import MODEL_LOG, TS_LOG
+from graviton_serve.server import READY_TIMEOUT_S, TorchServe
 from graviton_serve.torchserve_config import Ports
 from tests.conftest import TESTS
 
@@ -209,14 +212,29 @@ def test_a_failed_start_reports_only_its_own_worker_errors(tmp_path):
     from graviton_serve.paths import CONFIG_FILE
 
     server = TorchServe(tmp_path / "run", tmp_path, CONFIG_FILE, ports=Ports.free())
-    server.log_dir.mkdir(parents=True)
-    (server.log_dir / "model_log.log").write_text("MODEL_LOG - ValueError: from an earlier start\n")
-    (server.log_dir / "ts_log.log").write_text("Load model failed: old, error: Worker died.\n")
-    server.log_starts = {name: (server.log_dir / name).stat().st_size for name in ("model_log.log", "ts_log.log")}
-    with open(server.log_dir / "model_log.log", "a") as log:
+    server.run_folder.logs.mkdir(parents=True)
+    server.run_folder.log(MODEL_LOG).write_text("MODEL_LOG - ValueError: from an earlier start\n")
+    server.run_folder.log(TS_LOG).write_text("Load model failed: old, error: Worker died.\n")
+    server.log_starts = {name: server.run_folder.log(name).stat().st_size for name in (MODEL_LOG, TS_LOG)}
+    with open(server.run_folder.log(MODEL_LOG), "a") as log:
         log.write("MODEL_LOG - RuntimeError: this start's\nMODEL_LOG - loading\n")
-    with open(server.log_dir / "ts_log.log", "a") as log:
+    with open(server.run_folder.log(TS_LOG), "a") as log:
         log.write("W-9000 - WorkerInitializationException: Backend worker did not respond in given time\n" * 2)
     assert server.worker_errors().splitlines() == [
         "MODEL_LOG - RuntimeError: this start's",
         "WorkerInitializationException: Backend worker did not respond in given time"]
+
+
+def test_the_documented_timeout_defaults_are_the_constants(tmp_path):
+    """The container's docstring table and the README write the two defaults as numbers: they must
+    say what drain.DRAIN_TIMEOUT_S and server.READY_TIMEOUT_S are, and the settings must use them."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "any.mar").write_bytes(b"")  # settings only look for an archive; nothing starts
+    settings = container_main.ContainerSettings.from_environment(
+        {"GS_MODEL_STORE": str(store), "GS_CONFIG": str(CONTAINER_CONFIG), "GS_RUN_DIR": str(tmp_path / "run")})
+    assert (settings.drain_timeout_s, settings.ready_timeout_s) == (DRAIN_TIMEOUT_S, READY_TIMEOUT_S)
+    readme = (ROOT / "README.md").read_text()
+    for variable, seconds in (("GS_DRAIN_TIMEOUT_S", DRAIN_TIMEOUT_S), ("GS_READY_TIMEOUT_S", READY_TIMEOUT_S)):
+        assert re.search(rf"^\s+{variable}\s+{seconds}\s", container_main.__doc__, re.M), variable
+        assert f"`{variable}`, default {seconds})" in readme or f"`{variable}` (default {seconds})" in readme, variable

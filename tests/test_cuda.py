@@ -57,7 +57,7 @@ def test_reduced_precision_follows_the_device(tmp_path):
     expected = "bf16" if torch.cuda.get_device_capability(0) >= (8, 0) else "fp16"
     load_model_dir(tmp_path / "auto", TESTS / "probe_handler.py", "probe", {"handler": {"precision": "auto"}})
     auto = load_service(tmp_path / "auto", "probe_handler.py:stable", name="probe", gpu_id=0)._entry_point.worker
-    assert auto.tuning.candidates == (expected,)
+    assert auto.plan.candidates == (expected,)
     assert auto.precision in ("fp32", expected)
     assert auto.precision_why.startswith("auto: fastest that passed its guards") and f"{expected} " in auto.precision_why
     load_model_dir(tmp_path / "asked", TESTS / "probe_handler.py", "probe", {"handler": {"precision": expected}})

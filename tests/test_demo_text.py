@@ -11,13 +11,8 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from graviton_serve.demo_text import (
-    LABELS,
-    append_mean_pooling_layer,
-    clean_tweet,
-    clear_sentences,
-    tweets,
-)
+from graviton_serve.demos.corpus import LABELS, clean_tweet, clear_sentences, tweets
+from graviton_serve.demos.sentiment import append_mean_pooling_layer
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 100}
 

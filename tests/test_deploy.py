@@ -14,9 +14,9 @@ import yaml
 from graviton_serve.deploy_checks import (DEPLOY_DIR, DOCKERFILES, ECS_TASKS, KSERVE_RESOURCES, KUSTOMIZATIONS,
                                           lint_dockerfile, render_kustomization, validate_ecs_task, validate_kserve,
                                           validate_kubernetes)
+from graviton_serve.drain import DRAIN_TIMEOUT_S
 
 PORTS = {8080, 8081, 8082, 7070, 7071}
-DRAIN_TIMEOUT_S = 30
 KSERVE_CONFIG = DEPLOY_DIR / "kserve" / "config" / "config.properties"
 LIVE = ["python", "-m", "graviton_serve.container", "--live"]
 READY = ["python", "-m", "graviton_serve.container", "--ready"]
@@ -105,14 +105,14 @@ def test_kserve_inference_service_validates_against_the_kserve_sdk_models(resour
 
 
 def test_kserve_storage_config_serves_every_demo_model_one_request_per_batch():
-    from graviton_serve.demo_store import DEMO_MODELS
+    from graviton_serve.families import demos
     from graviton_serve.torchserve_config import read_properties
 
     properties = read_properties(KSERVE_CONFIG)  # our validator: every key a TorchServe 0.12 key
     assert properties["model_store"] == "/mnt/models/model-store"
     assert properties["enable_envvars_config"] == "true"  # KServe's TS_SERVICE_ENVELOPE reaches TorchServe
     snapshot = json.loads(properties["model_snapshot"])
-    assert sorted(snapshot["models"]) == sorted(DEMO_MODELS)
+    assert sorted(snapshot["models"]) == sorted(demos())
     for name, versions in snapshot["models"].items():
         (version,) = versions.values()
         assert version["marName"] == f"{name}.mar" and version["batchSize"] == 1

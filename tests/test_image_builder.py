@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-from graviton_serve import image
+from graviton_serve import image, pip_mirror
 
 
 def test_the_machines_pip_index_settings_are_read_as_pip_reports_them(monkeypatch, tmp_path):
@@ -15,10 +15,10 @@ def test_the_machines_pip_index_settings_are_read_as_pip_reports_them(monkeypatc
     wheels.mkdir()
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "https://mirror.example/simple")
-    settings = image.pip_settings(sys.executable)
+    settings = pip_mirror.pip_settings(sys.executable)
     assert settings["find-links"] == str(wheels)
     assert settings["extra-index-url"] == "https://mirror.example/simple"
-    assert set(settings) <= set(image.MIRRORED_PIP_KEYS)
+    assert set(settings) <= set(pip_mirror.MIRRORED_PIP_KEYS)
 
 
 def test_local_indexes_are_mounted_and_remote_ones_are_not(tmp_path):
@@ -28,8 +28,8 @@ def test_local_indexes_are_mounted_and_remote_ones_are_not(tmp_path):
     wheels.mkdir()
     settings = {"extra-index-url": f"file://{index} https://mirror.example/simple",
                 "find-links": f"{wheels} {tmp_path / 'missing'} relative/dir"}
-    assert image.local_folders(settings) == sorted([tmp_path / "pypi", wheels])
-    text = image.pip_config_text(settings)
+    assert pip_mirror.local_folders(settings) == sorted([tmp_path / "pypi", wheels])
+    text = pip_mirror.pip_config_text(settings)
     assert text.startswith("[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n")
     assert f"extra-index-url = file://{index} https://mirror.example/simple" in text
 

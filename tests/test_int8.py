@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from handlers import acceleration, auto_precision
+from handlers import auto_precision, precision_modes
 from handlers.cpu_features import AS_CPU, CpuFeatures
-from handlers.tuning import decide_precision
+from handlers.precision import decide_precision, int8_held_out
 from tests.conftest import TESTS
 from tests.inprocess import load_model_dir, load_service, predict, request
 from tests.test_tuning import CPU, EPYC, GRAVITON2, GRAVITON3, as_cpu
@@ -41,8 +41,8 @@ def test_int8_on_cuda_runs_fp32_and_says_why():
 
 
 def test_the_engine_is_torchs_for_x86():
-    assert acceleration.int8_engine(is_arm=False) in ("x86", "fbgemm")  # torch's x86 builds ship both
-    assert acceleration.int8_engine(is_arm=False) in torch.backends.quantized.supported_engines
+    assert precision_modes.int8_engine(is_arm=False) in ("x86", "fbgemm")  # torch's x86 builds ship both
+    assert precision_modes.int8_engine(is_arm=False) in torch.backends.quantized.supported_engines
 
 
 # Exactly 1.00 point lost: 100 * (0.7547 - 0.7447) is 1.0000000000000009 in floats, and must pass.
@@ -53,7 +53,7 @@ HELD_OUT_JUST_OVER = {"int8": {"metric": "accuracy", "fp32": 0.7547, "int8": 0.7
 @pytest.mark.parametrize("metadata, verdict", [(HELD_OUT_KEPT, True), (HELD_OUT_LOST, False), ({}, None),
                                                (HELD_OUT_AT_THE_LIMIT, True), (HELD_OUT_JUST_OVER, False)])
 def test_held_out_guard_reads_the_build_measurement(metadata, verdict):
-    ok, words = acceleration.int8_held_out(metadata)
+    ok, words = int8_held_out(metadata)
     assert ok is verdict
     if verdict is not None:
         assert "held-out accuracy: int8 0.6" in words or "held-out accuracy: int8 0.7" in words
@@ -83,7 +83,7 @@ def test_guard_refuses_int8_whose_answers_drift(tmp_path, caplog):
     (reply,) = predict(service, [request(b"1")])
     assert reply.json() == {"top": 1, "type": "Linear"}  # fp32's answer, from the fp32 layer
     # The same model through int8 would have answered row 0: the probe really drifts.
-    quantized = acceleration.int8_model(service._entry_point.worker.model, acceleration.int8_engine(False))
+    quantized = precision_modes.int8_model(service._entry_point.worker.model, precision_modes.int8_engine(False))
     assert int(quantized(torch.ones(1, 4)).argmax()) == 0
 
 

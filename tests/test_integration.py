@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from graviton_serve.demo_mnist import split_digits
+from graviton_serve.demos.mnist import split_digits
 from graviton_serve.grpc_client import GrpcClient, main as grpc_client_main
+from graviton_serve.run_folder import MODEL_LOG
 from handlers.cpu_features import CpuFeatures
 from tests.conftest import TESTS, ServerUnderTest, mnist_variant
 from tests.images import bomb_png, png, truncated_png
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def grpc_client(mnist_server):
     with GrpcClient.from_key_file(
-        mnist_server.key_file,
+        mnist_server.run_folder.key_file,
         inference_port=mnist_server.ports.grpc_inference,
         management_port=mnist_server.ports.grpc_management,
     ) as client:
@@ -119,7 +120,7 @@ def batching_server(mnist_dir, tmp_path_factory):
 
 
 def batches_seen(server) -> int:
-    return (server.log_dir / "model_log.log").read_text().count("Backend received inference")
+    return server.run_folder.log(MODEL_LOG).read_text().count("Backend received inference")
 
 
 def test_bad_inputs_fail_alone_inside_one_batch_and_the_worker_stays(batching_server):
@@ -190,16 +191,19 @@ def test_stopping_leaves_no_process(mnist_mar, tmp_path):
     under_test = ServerUnderTest(tmp_path, [mnist_mar])
     server = under_test.start()
     assert len(under_test.pids) >= 2  # frontend + worker
-    assert all(path.is_relative_to(tmp_path) for path in (server.pid_file, server.key_file, server.log_dir))
+    assert all(path.is_relative_to(tmp_path) for path in (server.run_folder.pid_file, server.run_folder.key_file, server.run_folder.logs))
     under_test.stop()  # asserts every PID is gone
-    assert not server.pid_file.exists()
+    assert not server.run_folder.pid_file.exists()
 
 
 def test_grpc_client_script_exits_non_zero_on_an_error_body(mnist_server, capsys):
-    common = ["--inference-port", str(mnist_server.ports.grpc_inference), "--key-file", str(mnist_server.key_file)]
+    common = ["--inference-port", str(mnist_server.ports.grpc_inference), "--key-file", str(mnist_server.run_folder.key_file)]
     assert grpc_client_main([*common, "predict", "mnist", str(TESTS / "data" / "digit.png")]) == 0
     assert grpc_client_main([*common, "predict", "mnist", "--text", "not an image"]) == 1
     assert '"code": 400' in capsys.readouterr().out  # the error body is still printed
+    with pytest.raises(SystemExit) as exited:  # a file that is not there: a usage error, not a traceback
+        grpc_client_main([*common, "predict", "mnist", str(TESTS / "data" / "no-such-file.png")])
+    assert exited.value.code == 2 and "cannot read" in capsys.readouterr().err
 
 
 def described_serving(server, model: str) -> dict:

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from graviton_serve.demo_mnist import split_digits
+from graviton_serve.demos.mnist import split_digits
 from tests.images import bomb_png, png, truncated_png, variants
 from tests.inprocess import load_service, predict, request
 

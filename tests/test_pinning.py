@@ -10,6 +10,7 @@ import time
 import pytest
 import requests
 
+from graviton_serve.run_folder import MODEL_LOG
 from tests.conftest import TESTS, ServerUnderTest, mnist_variant
 
 pytestmark = pytest.mark.integration
@@ -59,7 +60,7 @@ def assert_disjoint_single_cores(pids: list[int]) -> None:
 def test_each_worker_holds_its_own_core_even_after_a_restart(pinned_server):
     pids = ready_pids(pinned_server, len(CPUS))
     assert_disjoint_single_cores(pids)
-    log = (pinned_server.log_dir / "model_log.log").read_text()
+    log = pinned_server.run_folder.log(MODEL_LOG).read_text()
     assert log.count("pinned to cores") >= len(CPUS)
     assert "threads=1 inter-op 1" in log
 

@@ -57,6 +57,7 @@ import requests
 from graviton_serve.demo_store import build_demo_store
 from graviton_serve.grpc_client import GrpcClient
 from graviton_serve.paths import MODEL_STORE
+from graviton_serve.run_folder import MODEL_LOG
 from tests.conftest import ServerUnderTest
 from tests.realworld_inputs import (
     BROKEN_EXIF_KINDS,
@@ -134,7 +135,7 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="module")
 def grpc(served):
     server = served.server
-    with GrpcClient.from_key_file(server.key_file, inference_port=server.ports.grpc_inference,
+    with GrpcClient.from_key_file(server.run_folder.key_file, inference_port=server.ports.grpc_inference,
                                   management_port=server.ports.grpc_management, timeout=120) as client:
         yield client
 
@@ -417,7 +418,7 @@ def test_proposal_multipart_image_with_top_k_field(served):
 
 
 def batches_received(served: Served, model: str) -> int:
-    log = (served.server.log_dir / "model_log.log").read_text(errors="replace")
+    log = served.server.run_folder.log(MODEL_LOG).read_text(errors="replace")
     return sum(1 for line in log.splitlines() if f"-{model}_" in line and "Backend received inference" in line)
 
 

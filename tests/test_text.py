@@ -9,7 +9,8 @@ from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, BertForSeq
                           RobertaConfig, RobertaForMaskedLM)
 
 from graviton_serve.families import for_task
-from graviton_serve.demo_text import LABELS, minilm_dir, roberta_tokenizer
+from graviton_serve.demos.corpus import LABELS, minilm_dir
+from graviton_serve.demos.roberta import roberta_tokenizer
 from graviton_serve.paths import HANDLERS_DIR
 from tests.inprocess import load_model_dir, load_service, predict, request
 
@@ -149,7 +150,7 @@ def test_archive_from_a_local_folder_serves(tmp_path, bert_tokenizer):
     """build-text --from <folder>: the real loading path (from_pretrained) on a saved checkpoint."""
     import zipfile
 
-    from graviton_serve.demo_store import build_text_archive
+    from graviton_serve.archive import build_text_archive
 
     source = tmp_path / "checkpoint"
     config = BertConfig(vocab_size=len(bert_tokenizer), max_position_embeddings=64, num_labels=2,

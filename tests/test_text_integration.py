@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from graviton_serve.demo_store import build_demo_store
-from graviton_serve.demo_text import LABELS, clear_sentences, majority_share, tweets
+from graviton_serve.demos.corpus import LABELS, clear_sentences, majority_share, tweets
 from graviton_serve.grpc_client import GrpcClient
 from graviton_serve.paths import MODEL_STORE
 from tests.conftest import ServerUnderTest
@@ -32,7 +32,7 @@ def text_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def grpc(text_server):
-    with GrpcClient.from_key_file(text_server.key_file, inference_port=text_server.ports.grpc_inference,
+    with GrpcClient.from_key_file(text_server.run_folder.key_file, inference_port=text_server.ports.grpc_inference,
                                   management_port=text_server.ports.grpc_management) as client:
         yield client
 

@@ -12,9 +12,10 @@ import torch
 from handlers.settings import CORE_SETTINGS, read_settings
 from handlers.cpu_features import AS_CPU, CPU_AS_VAR, HWCAP2_BF16, CpuFeatures, kernel_limits
 from handlers.launch import launch_environment
-from handlers import acceleration
-from handlers.tuning import (CoreClaim, cgroup_cpu_limit, decide_precision, decide_threads, fast_math_mode,
-                             fpmath_env_on, launch_env_report, usable_cpus)
+from handlers import precision_modes
+from handlers.launch import launch_env_report
+from handlers.precision import decide_precision, fast_math_mode, fpmath_env_on
+from handlers.tuning import CoreClaim, cgroup_cpu_limit, decide_threads, usable_cpus
 from tests.conftest import TESTS
 from tests.inprocess import load_model_dir, load_service, predict, request
 
@@ -171,9 +172,9 @@ def test_launch_path_sets_huge_pages_on_aarch64_leaves_onednn_default_math_alone
 def test_fast_math_is_torchs_switches_on_arm_with_bf16_read_back_else_the_operators_variable_else_autocast():
     on = {"DNNL_DEFAULT_FPMATH_MODE": "BF16"}
     mode, how = fast_math_mode(CPU, GRAVITON3, {}, switches=True)
-    assert mode == acceleration.FAST_MATH_SWITCHES
+    assert mode == precision_modes.FAST_MATH_SWITCHES
     assert how == "oneDNN fast math (torch.backends.mkldnn matmul=bf16 conv=bf16 in each forward, read back)"
-    assert fast_math_mode(CPU, GRAVITON3, on, switches=False) == (acceleration.FAST_MATH_ENVIRONMENT,
+    assert fast_math_mode(CPU, GRAVITON3, on, switches=False) == (precision_modes.FAST_MATH_ENVIRONMENT,
                                                                   "oneDNN fast math (DNNL_DEFAULT_FPMATH_MODE set at launch)")
     assert fast_math_mode(CPU, GRAVITON3, {}, switches=False) == ("", "autocast")
     for features in (GRAVITON2, ZEN4_FEATURES, EPYC):  # x86 bf16 is autocast's
@@ -193,17 +194,17 @@ def test_fast_math_switches_are_on_only_inside_a_bf16_forward_and_fp32_stays_exa
 
     before = switches()
     assert "bf16" not in before
-    with acceleration.precision_mode("bf16", CPU, acceleration.FAST_MATH_SWITCHES):
+    with precision_modes.precision_mode("bf16", CPU, precision_modes.FAST_MATH_SWITCHES):
         assert switches() == ("bf16", "bf16") and not torch.is_autocast_enabled("cpu")
     assert switches() == before
-    with acceleration.precision_mode("fp32", CPU, acceleration.FAST_MATH_SWITCHES):
+    with precision_modes.precision_mode("fp32", CPU, precision_modes.FAST_MATH_SWITCHES):
         assert switches() == before and torch.backends.mkldnn.enabled
-    with acceleration.precision_mode("fp32", CPU, acceleration.FAST_MATH_SWITCHES, fpmath_env=True):
+    with precision_modes.precision_mode("fp32", CPU, precision_modes.FAST_MATH_SWITCHES, fpmath_env=True):
         assert not torch.backends.mkldnn.enabled  # the process-wide bf16 default would reach oneDNN
-    with acceleration.precision_mode("bf16", CPU, ""):
+    with precision_modes.precision_mode("bf16", CPU, ""):
         assert torch.is_autocast_enabled("cpu") and switches() == before
     with pytest.raises(RuntimeError):
-        with acceleration.precision_mode("bf16", CPU, acceleration.FAST_MATH_SWITCHES):
+        with precision_modes.precision_mode("bf16", CPU, precision_modes.FAST_MATH_SWITCHES):
             raise RuntimeError("a failed forward")
     assert switches() == before
 
@@ -253,7 +254,7 @@ def test_operators_fpmath_variable_keeps_onednn_out_of_fp32_only_where_bf16_is_n
     monkeypatch.setenv("DNNL_DEFAULT_FPMATH_MODE", "BF16")
     caplog.set_level("INFO")
     worker = probe_service(tmp_path, "sensitive", "auto")._entry_point.worker  # bf16 changes its answers
-    assert worker.precision == "fp32" and worker.tuning.fpmath_env is kept_out
+    assert worker.precision == "fp32" and worker.plan.fpmath_env is kept_out
     lines = [record.getMessage() for record in caplog.records if "tuning:" in record.getMessage()]
     if kept_out:
         assert "each timed on the check inputs if its guards pass, or auto's cached outcome (next line)" in lines[0]
@@ -261,5 +262,5 @@ def test_operators_fpmath_variable_keeps_onednn_out_of_fp32_only_where_bf16_is_n
             "oneDNN kept out: DNNL_DEFAULT_FPMATH_MODE makes bf16 its default in this process)")
     else:
         assert len(lines) == 1 and "precision=fp32 (auto: no native bf16 (HWCAP2_BF16 clear));" in lines[0]
-    with acceleration.precision_mode("fp32", CPU, worker.tuning.fast_math, worker.tuning.fpmath_env):
+    with precision_modes.precision_mode("fp32", CPU, worker.plan.fast_math, worker.plan.fpmath_env):
         assert torch.backends.mkldnn.enabled is not kept_out

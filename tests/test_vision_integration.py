@@ -45,7 +45,7 @@ def test_rest_and_grpc_agree_and_bad_items_are_isolated(vision_server):
     flower = photo("flower").read_bytes()
     over_rest = requests.post(vision_server.url("inference", "predictions/resnet50"), data=flower,
                               headers=vision_server.auth(), timeout=120)
-    with GrpcClient.from_key_file(vision_server.key_file, inference_port=vision_server.ports.grpc_inference,
+    with GrpcClient.from_key_file(vision_server.run_folder.key_file, inference_port=vision_server.ports.grpc_inference,
                                   management_port=vision_server.ports.grpc_management) as client:
         over_grpc = json.loads(client.predict("resnet50", {"data": flower}))
         (described,) = client.describe_model("densenet161", customized=True)

@@ -13,7 +13,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import yaml
@@ -23,16 +22,15 @@ from graviton_serve.bench.results import Limit
 
 
 def _worker(workload: str, folder: Path, manifest: dict, precision: str | None):
-    """A worker as TorchServe's would be, over the unpacked archive; ``precision`` overrides its config."""
+    """A worker over the unpacked archive, as TorchServe's would be; ``precision`` overrides its config."""
     from handlers.lifecycle import Worker
 
     config = yaml.safe_load((folder / "model-config.yaml").read_text())
     if precision:
         config.setdefault("handler", {})["precision"] = precision
     module = importlib.import_module(f"handlers.{Path(manifest['model']['handler']).stem}")
-    context = SimpleNamespace(model_name=workload, manifest=manifest, model_yaml_config=config,
-                              system_properties={"model_dir": str(folder), "gpu_id": None})
-    return Worker(module.handle.make_handler(), context), int(config.get("batchSize", 1))
+    worker = Worker(module.handle.make_handler(), workload, folder, config, "cpu", manifest["model"].get("serializedFile"))
+    return worker, int(config.get("batchSize", 1))
 
 
 def _median_seconds(run: Callable[[], object], min_seconds: float) -> float:
@@ -73,6 +71,6 @@ def limits(workload: str, archive: Path, bodies: list[bytes], min_seconds: float
             else:
                 requests = [payload for payload, _ in chosen]
                 seconds = _median_seconds(lambda: worker.answer(requests), min_seconds)
-            found.append(Limit(workload, kind, batch, worker.tuning.threads, worker.precision, batch / seconds,
+            found.append(Limit(workload, kind, batch, worker.threads.threads, worker.precision, batch / seconds,
                                seconds * 1000))
     return found

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import psutil
 
@@ -53,25 +53,23 @@ def model_workers(server: TorchServe, model: str) -> list[psutil.Process]:
     return processes
 
 
-def _cpu_seconds(processes: list[psutil.Process]) -> float:
+def _total(processes: list[psutil.Process], measure: Callable[[psutil.Process], float]) -> float:
+    """``measure`` summed over the processes (one that has exited counts nothing)."""
     total = 0.0
     for process in processes:
         try:
-            times = process.cpu_times()
-            total += times.user + times.system
+            total += measure(process)
         except psutil.Error:
             pass
     return total
 
 
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    return _total(processes, lambda process: sum(process.cpu_times()[:2]))  # user + system
+
+
 def _rss_mib(processes: list[psutil.Process]) -> int:
-    total = 0
-    for process in processes:
-        try:
-            total += process.memory_info().rss
-        except psutil.Error:
-            pass
-    return total >> 20
+    return int(_total(processes, lambda process: process.memory_info().rss)) >> 20
 
 
 def settle(server: TorchServe, model: str, timeout: float = 300.0) -> None:

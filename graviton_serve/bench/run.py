@@ -51,7 +51,7 @@ def benchmark(workloads: list[Workload], concurrencies: list[int], grpc_concurre
                             keep(wrk_load(server, workload.name, path, model, body_files, concurrency, seconds, round_number))
                 server, model = servers["ours"]
                 if grpc_concurrencies:
-                    with GrpcClient.from_key_file(server.key_file, inference_port=server.ports.grpc_inference,
+                    with GrpcClient.from_key_file(server.run_folder.key_file, inference_port=server.ports.grpc_inference,
                                                   management_port=server.ports.grpc_management, timeout=300) as grpc:
                         for concurrency in grpc_concurrencies:
                             say(f"bench: {workload.name}: ours gRPC c{concurrency}, {grpc_requests} requests")

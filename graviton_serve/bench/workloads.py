@@ -80,7 +80,7 @@ def bert_base_archive() -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from graviton_serve.demo_text import minilm_dir
+    from graviton_serve.demos.corpus import minilm_dir
 
     target = BENCH_DIR / f"{BERT_BASE}.mar"
     model_config = family("text_classification").model_config(precision="int8")
@@ -106,7 +106,7 @@ def bert_base_archive() -> Path:
 
 def tweet_bodies() -> list[bytes]:
     """Held-out tweets the demo never trained on: real short texts."""
-    from graviton_serve.demo_text import tweets
+    from graviton_serve.demos.corpus import tweets
 
     return [text.encode("utf-8") for text, _ in tweets()[1][:200]]
 
@@ -117,7 +117,7 @@ def seq128_bodies(count: int = 64) -> list[bytes]:
     request to 128) run the same sequence length."""
     from transformers import AutoTokenizer
 
-    from graviton_serve.demo_text import minilm_dir, tweets
+    from graviton_serve.demos.corpus import minilm_dir, tweets
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     stream = [token for text, _ in tweets()[0] for token in tokenizer(text, add_special_tokens=False)["input_ids"]]

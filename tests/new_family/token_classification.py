@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForTokenClassification
 
-from handlers.lifecycle import TorchServeHandler
+from handlers.torchserve_wire import TorchServeHandler
 from handlers.text import TextHandler, TextItem
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from graviton_serve.demos import SEED
 from graviton_serve.progress import say
 from handlers.vision import architecture_name, build_network, weights_entry
 
@@ -18,13 +19,23 @@ UNTRAINED_NOTE = (
 )
 
 
-def random_network(architecture: str, weights: str = "DEFAULT", seed: int = 0) -> tuple[torch.nn.Module, dict]:
+def random_network(architecture: str, weights: str = "DEFAULT", seed: int = SEED) -> tuple[torch.nn.Module, dict]:
+    """torchvision's ``architecture`` with random weights, its classifier sized for ``weights``'
+    categories; returns it and its metadata (saying it is untrained)."""
     entry = weights_entry(architecture_name(architecture), weights)
     torch.manual_seed(seed)
     say(f"{architecture}: random weights (untrained demo)")
     network = build_network(architecture, len(entry.meta["categories"]))
     return network, {"trained": False, "description": f"torchvision {architecture}", "note": UNTRAINED_NOTE,
                      "preprocessing_and_categories_from": f"{type(entry).__name__}.{entry.name}"}
+
+
+def make_untrained(demo, folder: Path) -> dict:
+    """The recipe of the vision demos: ``demo``'s architecture and weights entry are its
+    ``handler:`` settings; the random network's state dict is its serialized file."""
+    network, metadata = random_network(demo.handler_settings["architecture"], demo.handler_settings["weights"])
+    torch.save(network.state_dict(), folder / demo.serialized_file_name)
+    return metadata
 
 
 def pretrained_network(architecture: str, weights: str = "DEFAULT", file: Path | None = None) -> tuple[torch.nn.Module, dict]:

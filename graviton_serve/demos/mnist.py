@@ -2,6 +2,8 @@
 
 5,000 real MNIST digits (500 per class). 1,000 of them (100 per class) are held out and
 never seen in training; the held-out accuracy is measured, printed and stored in the archive.
+The network, the input format, its normalisation and the weights file's name are the handler's
+(``handlers/mnist.py``), so served and trained inputs match.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from graviton_serve.demos import SEED, Evaluation
 from graviton_serve.progress import say
-from handlers.mnist import MnistNet, normalize, to_mnist_format
+from handlers.mnist import MEAN, STD, MnistNet, normalize, to_mnist_format
 
 HELD_OUT_PER_CLASS = 100
-SEED = 20261128
 
 
 def _dataset_path() -> Path:
@@ -55,7 +57,8 @@ def split_digits() -> Split:
     return Split(images[train], labels[train], images[held_out], labels[held_out])
 
 
-def _prepare(images: np.ndarray) -> torch.Tensor:
+def network_inputs(images: np.ndarray) -> torch.Tensor:
+    """uint8 digits [N, 28, 28] -> the network's inputs [N, 1, 28, 28], as the handler makes them."""
     return torch.stack([normalize(to_mnist_format(image)) for image in images])
 
 
@@ -68,11 +71,13 @@ def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
-    background = (0 - 0.1307) / 0.3081
+    background = (0 - MEAN) / STD  # a black pixel, normalised: what the rotated-in corners become
     return F.grid_sample(batch - background, grid, align_corners=False) + background
 
 
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray) -> float:
+    """The share of ``images`` (network inputs [N, 1, 28, 28]) whose top-1 is their label ([N]):
+    the one definition of the demo's metric, used by training and by the int8 check."""
     model.eval()
     with torch.inference_mode():
         predicted = torch.cat([model(chunk).argmax(1) for chunk in images.split(500)])
@@ -85,7 +90,7 @@ def train(epochs: int = 5, batch_size: int = 64) -> tuple[MnistNet, dict]:
     torch.manual_seed(SEED)
     generator = torch.Generator().manual_seed(SEED)
     split = split_digits()
-    train_x, held_out_x = _prepare(split.train_images), _prepare(split.held_out_images)
+    train_x, held_out_x = network_inputs(split.train_images), network_inputs(split.held_out_images)
     train_y = torch.from_numpy(split.train_labels)
     model = MnistNet()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -114,3 +119,19 @@ def train(epochs: int = 5, batch_size: int = 64) -> tuple[MnistNet, dict]:
     }
     say(f"mnist: held-out accuracy {held_out_accuracy:.4f} on {len(split.held_out_labels)} digits never seen in training")
     return model, metadata
+
+
+def make(demo, folder: Path) -> dict:
+    """The recipe of the ``mnist`` demo: the trained network's state dict as ``demo``'s serialized file."""
+    model, metadata = train()
+    torch.save(model.state_dict(), folder / demo.serialized_file_name)
+    return metadata
+
+
+def held_out_evaluation(demo, folder: Path) -> Evaluation:
+    """The trained network in ``folder`` and its accuracy on the 1,000 held-out digits."""
+    split = split_digits()
+    images = network_inputs(split.held_out_images)
+    model = MnistNet()
+    model.load_state_dict(torch.load(folder / demo.serialized_file_name, weights_only=True))
+    return Evaluation(model, "accuracy", len(split.held_out_labels), lambda m: accuracy(m, images, split.held_out_labels))
