@@ -50,7 +50,7 @@ from handlers.launch import FAST_MATH_VAR, PRECISION_CACHE_DIR_VAR
 log = logging.getLogger(__name__)
 
 AUTO_MIN_GAIN = 0.15  # a reduced precision must be this much faster than fp32 to be chosen
-AUTO_ROUNDS = 5  # timed forwards per precision at least, interleaved, each over all check inputs as one batch
+AUTO_ROUNDS = 5  # timed forwards per precision at least, interleaved, each over all check inputs as served
 # and rounds go on until each precision has run this long in all: a median of 5 forwards of 2 ms
 # moved by 10% between quiet starts (MNIST 1.8 / 1.9 ms), enough to flip a choice near the margin
 AUTO_SECONDS_EACH = 1.0
@@ -77,7 +77,7 @@ class Outcome:
     def words(self, items: int) -> str:
         timings = ", ".join(f"{precision} {ms:.1f} ms" for precision, ms in self.timings_ms.items())
         return (f"auto: fastest that passed its guards by {AUTO_MIN_GAIN:.0%} over fp32, timed on {items} check inputs "
-                f"as one batch: {timings}, {verdict(self.precision, self.timings_ms)} ({self.source}, timed "
+                f"as served (one batch, int8 one by one): {timings}, {verdict(self.precision, self.timings_ms)} ({self.source}, timed "
                 f"{self.timed_at} while other processes used {self.others_busy:.0%} of the CPUs)")
 
 

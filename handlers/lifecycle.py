@@ -8,7 +8,7 @@ torch.compile if asked). Per batch it
 
     1. decodes each request alone     ModelHandler.decode; a bad one gets its 4xx, the rest go on
     2. collates the decoded items     ModelHandler.collate, moved to the device
-    3. runs one forward               under inference mode, in the chosen precision
+    3. runs one forward               under inference mode, in the chosen precision (int8: one per item)
     4. splits the outputs per item    ModelHandler.postprocess, then moved to the CPU
     5. encodes each answer alone      ModelHandler.encode
     6. gives each request its status  one table (handlers.errors) gives status, body, log level
@@ -79,7 +79,7 @@ class Worker:
         self.auto = auto_precision.AutoStart(model_name, self.model_dir, self.plan, self.threads.threads,
                                              str(self.device), int(config.get("startupTimeout", auto_precision.TORCHSERVE_STARTUP_TIMEOUT_S)))
         with self.auto.starting():
-            # What forwards run: fp32, or its int8 copy once chosen; self.runner is it or its compiled form.
+            # self.model: fp32, or its int8 copy once chosen; self.runner: it or its compiled form.
             self.model = handler.load(self.model_dir, serialized_file, self.settings, self.device).to(self.device).eval()
             self.runner = self.model
             self.precision, self.precision_why = "fp32", self.plan.reason
@@ -114,7 +114,6 @@ class Worker:
     def answer(self, payloads: list[Payload]) -> tuple[list[Reply], StageSeconds]:
         """One reply per payload, in order: decode each alone, one forward, encode each alone;
         and the seconds each stage took."""
-        stages = StageSeconds(items=len(payloads))
         replies: list[Reply | None] = [None] * len(payloads)
         items: dict[int, Any] = {}
         started = time.perf_counter()
@@ -133,8 +132,7 @@ class Worker:
                 replies[index] = Reply(200, self.handler.encode(output, items[index]))
             except Exception as error:  # noqa: BLE001
                 replies[index] = self._error_reply(index, error)
-        stages.decode, stages.forward, stages.encode = decoded - started, forwarded - decoded, time.perf_counter() - forwarded
-        return replies, stages
+        return replies, StageSeconds(decoded - started, forwarded - decoded, time.perf_counter() - forwarded, len(payloads))
 
     def _forward_isolating_oom(self, items: dict[int, Any]) -> tuple[dict[int, Any], dict[int, Exception]]:
         """(index -> output, index -> the error that index gets). One forward for the batch; if
@@ -172,6 +170,8 @@ class Worker:
             return self._run(self.runner, items, precision or self.precision)
 
     def _run(self, runner: torch.nn.Module, items: list, precision: str) -> list:
+        if precision == "int8" and len(items) > 1:  # dynamic int8 scales by the whole batch's range
+            return [row for item in items for row in self._run(runner, [item], precision)]
         batch = to_device(self.handler.collate(items), self.device)
         with torch.inference_mode(), precision_mode(precision, self.device, self.plan.fast_math, self.plan.fpmath_env):
             rows = self.handler.postprocess(self.handler.forward(runner, batch), batch)

@@ -128,7 +128,17 @@ int8_stable = TorchServeHandler(Int8StableProbe)
 
 class Int8FirstShapeOnlyProbe(Int8StableProbe):
     """Its int8 layer answers right only for the first batch shape it meets (as torch 2.14.1's
-    aarch64 onednn int8 did under emulation): the guard's one-by-one pass must catch it."""
+    aarch64 onednn int8 did under emulation): the guard's one-by-one pass must catch it. Its items
+    differ in length (b"2" is two rows of ones), so one by one still meets two shapes."""
+
+    def decode(self, payload):
+        return torch.ones(int(payload.body), 4)
+
+    def collate(self, items):
+        return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)  # zero rows add nothing: no bias
+
+    def postprocess(self, outputs, batch):
+        return list(outputs.sum(dim=1).unbind(0))
 
     def forward(self, model, batch):
         outputs = super().forward(model, batch)
@@ -140,3 +150,18 @@ class Int8FirstShapeOnlyProbe(Int8StableProbe):
 
 
 int8_first_shape_only = TorchServeHandler(Int8FirstShapeOnlyProbe)
+
+
+class Int8ScoresProbe(Int8StableProbe):
+    """Answers its scores for a body of ones times the request's number: dynamic int8 scales a
+    layer's input by the tensor it is given, so a 1 beside a 1000 in one batch would lose its
+    digits; an answer must not depend on its batchmates."""
+
+    def decode(self, payload):
+        return torch.full((4,), float(payload.body))
+
+    def encode(self, output, item):
+        return {"scores": [round(float(score), 6) for score in output]}
+
+
+int8_scores = TorchServeHandler(Int8ScoresProbe)

@@ -383,7 +383,7 @@ def test_auto_times_fp32_bf16_and_int8_under_emulation_and_keeps_the_fastest(gra
     what is checked is that auto timed every candidate that passed and kept the fastest."""
     assert "precision=auto of fp32, bf16, int8" in tuning_line(graviton3["result"], "mnist_auto")
     (chosen,) = [line for line in graviton3["result"]["tuning"] if line.startswith("mnist_auto: tuning: precision=")]
-    timings = {p: float(ms) for p, ms in re.findall(r"(fp32|bf16|int8) ([\d.]+) ms", chosen.split("as one batch: ")[1].split(";")[0])}
+    timings = {p: float(ms) for p, ms in re.findall(r"(fp32|bf16|int8) ([\d.]+) ms", chosen.split("int8 one by one): ")[1].split(";")[0])}
     print(f"mnist: Graviton3 (emulated) auto: {chosen.split(' (')[0].split('precision=')[1]} of {timings} (ms, under qemu)")
     assert set(timings) == {"fp32", "bf16", "int8"}
     best = min(timings, key=timings.get)

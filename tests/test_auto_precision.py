@@ -61,7 +61,7 @@ def test_an_outcome_timed_alone_is_kept_and_read_back_without_timing(tmp_path):
     assert timed == [1]
     assert first.precision == again.precision == "int8" and again.timings_ms == {"fp32": 10.0, "int8": 5.1}
     assert first.words(2).startswith("auto: fastest that passed its guards by 15% over fp32, timed on 2 check inputs "
-                                     "as one batch: fp32 10.0 ms, int8 5.1 ms, int8 49% faster than fp32 (timed at ")
+                                     "as served (one batch, int8 one by one): fp32 10.0 ms, int8 5.1 ms, int8 49% faster than fp32 (timed at ")
     assert first.source.startswith("timed at this start, cached in ") and again.source.startswith("cache ")
     assert again.timed_at == first.timed_at
     assert kept_outcome("m", key(tmp_path, cpu_identity="aarch64 hwcap 0x0 hwcap2 0x0"), cache) is None

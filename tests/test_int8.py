@@ -122,7 +122,7 @@ def test_auto_needs_the_held_out_measurement_for_int8(tmp_path, caplog, monkeypa
         assert worker.precision == "fp32" and chosen.endswith("int8 refused: no held-out int8 accuracy in the "
                                                               "archive's metadata; using fp32)")
     else:  # bf16 passed its guard (the probe is bf16-stable) and was timed against fp32
-        assert "timed on 2 check inputs as one batch: fp32 " in chosen and "bf16 " in chosen
+        assert "timed on 2 check inputs as served (one batch, int8 one by one): fp32 " in chosen and "bf16 " in chosen
 
 
 @CPUS
@@ -133,7 +133,7 @@ def test_auto_times_what_passed_and_keeps_the_fastest(tmp_path, caplog, monkeypa
     first, chosen = tuning_lines(caplog)[-2:]
     offered = ("bf16", "int8") if features.bf16 else ("int8",)
     assert f"precision=auto of fp32, {', '.join(offered)} (auto: " in first
-    timings = {p: float(ms) for p, ms in re.findall(r"(fp32|bf16|int8) ([\d.]+) ms", chosen.split("as one batch: ")[1])}
+    timings = {p: float(ms) for p, ms in re.findall(r"(fp32|bf16|int8) ([\d.]+) ms", chosen.split("int8 one by one): ")[1])}
     assert set(timings) == {"fp32", *offered}
     best = min(timings, key=timings.get)
     expected = best if timings[best] < (1 - auto_precision.AUTO_MIN_GAIN) * timings["fp32"] else "fp32"
@@ -171,6 +171,15 @@ def test_guard_runs_the_check_inputs_one_by_one_too(tmp_path, caplog):
     worker = int8_probe(tmp_path, "int8_first_shape_only", "int8", HELD_OUT_KEPT)._entry_point.worker
     assert worker.precision == "fp32"
     assert "accuracy guard failed: int8 top-1 agrees with fp32 on only 50.0% of 4" in tuning_lines(caplog)[-1]
+
+
+def test_an_int8_answer_does_not_depend_on_its_batchmates(tmp_path):
+    service = int8_probe(tmp_path, "int8_scores", "int8", HELD_OUT_KEPT)
+    assert service._entry_point.worker.precision == "int8"
+    (alone,) = predict(service, [request(b"1")])
+    beside_a_large_one = predict(service, [request(b"1"), request(b"1000")])
+    assert alone.status == 200 and alone.json()["scores"][1] > 90  # 1 x 102, give or take int8's rounding
+    assert beside_a_large_one[0].json() == alone.json()
 
 
 def test_fast_forwards_are_timed_for_a_second_each_not_five_times(monkeypatch):
