@@ -22,6 +22,7 @@ import base64
 import binascii
 import functools
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -129,8 +130,9 @@ class Payload:
             text = _without_lone_surrogates(document)
         if len(text.encode("utf-8")) > max_bytes:
             raise PayloadTooLarge(f"the text is over this model's limit of {max_bytes} bytes (max_text_bytes); send less")
-        if not text.strip():
-            raise BadInput("the text is empty; send some text")
+        if not any(map(_visible, text)):
+            raise BadInput("the text is empty: it has no visible characters (only whitespace, or invisible ones "
+                           "such as zero-width spaces, BOMs or direction marks); send some text")
         return text
 
     def binary(self, json_key: str) -> bytes:
@@ -212,6 +214,18 @@ def _without_lone_surrogates(text: str) -> str:
         return text
     except UnicodeEncodeError:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+# Letters and symbols that draw nothing: Hangul fillers and the braille blank (what invisible text
+# is made of besides the categories below).
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _visible(char: str) -> bool:
+    """False for whitespace, controls, format characters (zero-width spaces and joiners, BOMs,
+    direction marks, soft hyphens), combining marks and variation selectors, and blank letters."""
+    return not char.isspace() and unicodedata.category(char) not in ("Cc", "Cf", "Mn", "Me") \
+        and char not in _BLANK_LETTERS
 
 
 def _a(noun: str) -> str:

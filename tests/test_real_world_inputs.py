@@ -290,6 +290,39 @@ def test_case4_blank_multipart_data_part_is_400(served, model):
     assert_error(post(served, model, files={"data": ("review.txt", b"  \n\t \n", "text/plain")}), 400)
 
 
+# --- issue 27 kind 6: text made only of invisible characters -------------------------------------
+
+# Zero-width space/non-joiner/joiner, word joiner, BOMs, direction marks and overrides, a soft
+# hyphen, a variation selector alone, the Hangul filler and a braille blank: nothing a reader sees.
+INVISIBLE_TEXTS = {
+    "zero-width": "\u200b\u200c\u200d\u2060",
+    "BOMs": "\ufeff\ufeff",
+    "direction marks": "\u200e\u200f\u202e\u2066\u2069",
+    "mixed with spaces": " \u200b \u00ad\ufe0f\u3164\u2800\n\u200f ",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(INVISIBLE_TEXTS))
+@pytest.mark.parametrize("model", [SENTIMENT, FILL_MASK])
+def test_text_of_invisible_characters_is_empty_text(served, model, kind):
+    text = INVISIBLE_TEXTS[kind]
+    for reply in (post(served, model, text.encode(), "text/plain; charset=utf-8"), post(served, model, json={"text": text})):
+        assert "no visible characters" in assert_error(reply, 400)
+    assert_same_workers(served, model)
+
+
+def test_text_of_invisible_characters_is_empty_over_grpc(served, grpc):
+    answer = json.loads(grpc.predict(SENTIMENT, {"data": INVISIBLE_TEXTS["zero-width"].encode()}))
+    check_error_body(answer, 400)
+    assert "no visible characters" in answer["message"]
+
+
+def test_invisible_characters_around_a_sentence_are_served(served):
+    # a BOM and zero-width joiners in real text (emoji sequences, pasted text) are not refused
+    assert_ok(post(served, SENTIMENT, ("\ufeff" + SENTENCE + " \U0001f469\u200d\U0001f4bb").encode(), "text/plain"),
+              check_sentiment)
+
+
 # --- case 5: a raw body sent as a form ------------------------------------------------------------
 
 
@@ -459,6 +492,7 @@ def test_case8_mixed_text_batch(served):
         ("JSON list", {"json": ["a", "b"]}, 400),
         ("form-urlencoded raw body", {"data": SENTENCE.encode(), "content_type": "application/x-www-form-urlencoded"}, 400),
         ("JSON string body", {"json": SENTENCE}, 200),
+        ("zero-width characters only", {"json": {"text": INVISIBLE_TEXTS["zero-width"]}}, 400),
     ]
     replies = send_batch_and_check(served, SENTIMENT, cases, check_sentiment)
     assert "one text per request" in replies[4].json()["message"]
