@@ -32,6 +32,10 @@ class PayloadTooLarge(RequestError):
     """The request is understood but exceeds one of the model's size limits."""
 
 
+class UnsupportedMediaType(RequestError):
+    """The body is sent in an encoding this server does not decode (Content-Encoding)."""
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     status: int
@@ -47,6 +51,7 @@ OUT_OF_MEMORY = ErrorKind(507, "OutOfMemory", logging.WARNING,
 ERROR_TABLE: tuple[tuple[type[BaseException], ErrorKind], ...] = (
     (BadInput, ErrorKind(400, "BadInput", logging.INFO, None)),
     (PayloadTooLarge, ErrorKind(413, "PayloadTooLarge", logging.INFO, None)),
+    (UnsupportedMediaType, ErrorKind(415, "UnsupportedMediaType", logging.INFO, None)),
     (torch.OutOfMemoryError, OUT_OF_MEMORY),  # CUDA's; not a MemoryError subclass
     (MemoryError, OUT_OF_MEMORY),
 )

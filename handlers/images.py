@@ -1,14 +1,17 @@
-"""Image decoding shared by the image models: size limits first, then any format and mode.
+"""Image decoding shared by the image models: limits first, then any accepted format and mode.
 
 Memory is bounded by ``max_image_pixels`` at every step: the header's pixel count is checked
 before any pixel is decoded, and a resize is checked before it runs (``check_resize``), so a tiny
-file (a 60000x1 PNG is 100 bytes) cannot make a worker allocate gigabytes.
+file (a 60000x1 PNG is 100 bytes) cannot make a worker allocate gigabytes. Time is bounded too:
+decoding costs pixels x passes, and the only format whose passes the file chooses is progressive
+JPEG (one pass per scan), so its scans are counted before decoding (``MAX_JPEG_SCANS``).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 
 import numpy as np
@@ -17,6 +20,24 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from handlers.errors import BadInput, PayloadTooLarge
 
 log = logging.getLogger(__name__)
+
+# The formats a client may send: photos and screenshots (Pillow's JPEG opens a camera's MPO, a
+# JPEG with more frames after the first, as format "MPO"). Pillow opens some 40 others; among them are containers whose directory states
+# one size while the image inside decodes at its own (ICO/CUR, ICNS: the pixel check would pass on
+# the directory and the embedded PNG decode at 8000x8000), and formats handed to other programs
+# (EPS runs Ghostscript). For the formats here, the size Pillow reports on open is the size of the
+# first frame or page, the only one decoded.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+ACCEPTED_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+# Real encoders write 1 scan (baseline) to about 20 (libjpeg's progressive script: 10 for colour,
+# 18 for CMYK; mozjpeg's searched scripts stay near that). A file that repeats its last scan
+# thousands of times stays small and makes libjpeg decode the whole image once per scan (2000
+# scans of 4000x4000: 19 s). libjpeg-turbo's own fuzzers cap scans at 500; we cap lower.
+MAX_JPEG_SCANS = 100
+# A JPEG marker: 0xFF then a byte that is not stuffing (00), fill (FF) or a restart marker (D0-D7),
+# the bytes that may follow 0xFF inside a scan's entropy-coded data.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
+_JPEG_MARKERS_READ = 10 * MAX_JPEG_SCANS  # a file of more segments than this is refused as well
 
 # 16-bit and 32-bit integer modes, and 32-bit float: PIL's convert() would clip them to 255 (a
 # float image in 0..1 would turn black), so scale instead.
@@ -27,7 +48,8 @@ def open_image(data: bytes, max_pixels: int, short_side: int | None = None) -> I
     """Decode ``data`` into a fully loaded PIL image, upright (EXIF orientation applied).
 
     The pixel count is checked from the header, before any pixel is decoded, so a
-    decompression bomb costs nothing: over ``max_pixels`` is a 413, not an image is a 400.
+    decompression bomb costs nothing: over ``max_pixels`` is a 413, as is a JPEG of more than
+    ``MAX_JPEG_SCANS`` scans; not an image, or not one of ``ACCEPTED_FORMATS``, is a 400.
     ``short_side``: the model resizes to it next, so a JPEG may be decoded at 1/2, 1/4 or 1/8
     scale while both sides stay at least that (libjpeg's DCT scaling, Pillow's ``draft``): a
     12-megapixel phone photo decodes in a fraction of the time.
@@ -35,15 +57,17 @@ def open_image(data: bytes, max_pixels: int, short_side: int | None = None) -> I
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise PayloadTooLarge(
                     f"the image is {width}x{height} = {width * height} pixels, over this model's "
                     f"limit of {max_pixels}; send a smaller image"
                 )
+            if image.format in ("JPEG", "MPO"):
+                check_jpeg_scans(data)
             image.seek(0)  # animated formats: the first frame
-            if short_side and image.format == "JPEG":
+            if short_side and image.format in ("JPEG", "MPO"):
                 image.draft(None, (short_side, short_side))
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -52,8 +76,8 @@ def open_image(data: bytes, max_pixels: int, short_side: int | None = None) -> I
         ) from None
     except UnidentifiedImageError:
         raise BadInput(
-            "the body is not an image this server can read; send PNG, JPEG, WebP, BMP, GIF or TIFF bytes, "
-            "or the same as base64"
+            f"the body is not an image in a format this server reads; send {ACCEPTED_NAMES} bytes, "
+            "or the same as base64 (icons, AVIF, HEIC, PSD, EPS and other formats: convert them first)"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadInput(
@@ -63,6 +87,30 @@ def open_image(data: bytes, max_pixels: int, short_side: int | None = None) -> I
     if width == 0 or height == 0:
         raise BadInput("the image has no pixels")
     return _upright(image)
+
+
+def check_jpeg_scans(data: bytes) -> None:
+    """413 when the first image of JPEG ``data`` has more than ``MAX_JPEG_SCANS`` scans (start-of-
+    scan markers, FF DA), counted by walking its segments: a segment's length skips its payload
+    (an EXIF thumbnail's own scans are not counted), a scan's entropy-coded data is skipped up to
+    the next marker, and the walk ends at the first end-of-image (an MPO's later frames are not
+    decoded). Cost: one regular-expression search per segment; at most ``_JPEG_MARKERS_READ``."""
+    scans, position = 0, 2  # after start-of-image
+    for _ in range(_JPEG_MARKERS_READ):
+        found = _JPEG_MARKER.search(data, position)
+        if found is None or data[found.start() + 1] == 0xD9:  # the end, or end-of-image
+            return
+        marker = data[found.start() + 1]
+        scans += marker == 0xDA
+        if scans > MAX_JPEG_SCANS:
+            break
+        standalone = marker in (0x01, 0xD8)  # TEM, SOI: no length follows
+        length = 0 if standalone else int.from_bytes(data[found.start() + 2:found.start() + 4], "big")
+        position = found.start() + 2 + length
+    raise PayloadTooLarge(
+        f"the JPEG has more than {MAX_JPEG_SCANS} scans (or {_JPEG_MARKERS_READ} segments), this server's limit: "
+        "each scan decodes the whole image again; re-encode it (any encoder writes at most about 20)"
+    )
 
 
 def _upright(image: Image.Image) -> Image.Image:

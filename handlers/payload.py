@@ -13,7 +13,8 @@ one key per input part, each value already decoded by the part's content type:
 The raw body is the part "body" (REST) or "data" (gRPC's input map, KServe); a multipart upload
 gives one key per part name; a form (application/x-www-form-urlencoded) is split into its
 fields, so the raw body is gone. URL query parameters are not passed on at all: per-request
-options travel in a JSON body or as form fields.
+options travel in a JSON body or as form fields. TorchServe passes a compressed body on as it
+came (``Content-Encoding`` is not decoded by its frontend): gzip is decoded here, per request.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import binascii
 import functools
 import json
 import unicodedata
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
-from handlers.errors import BadInput, PayloadTooLarge
+from handlers.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
 
 BODY_KEYS = ("body", "data")
 # Multipart part names that carry the content when neither "body" nor "data" is sent.
@@ -37,6 +39,11 @@ SENT_AS_FORM = (
     "into form fields and the raw body never reached the model; send it with curl --data-binary @FILE "
     "-H 'Content-Type: text/plain' (or application/octet-stream for binary files), or curl -T FILE"
 )
+
+# A gzip body may decode to at most what a plain body may be: TorchServe's max_request_size in
+# config.properties (16 MiB), so a small gzip of gigabytes of zeros costs at most this much.
+MAX_DECODED_BODY_BYTES = 16 * 1024 * 1024
+GZIP_NAMES = ("gzip", "x-gzip")
 
 T = TypeVar("T")
 
@@ -50,13 +57,14 @@ class Payload:
     fields: dict[str, Any] = field(default_factory=dict)
     sent_as_form: bool = False  # the HTTP request was x-www-form-urlencoded
     unnamed_parts: int = 0  # parts sent, none of them under a content name (multipart, gRPC)
+    content_encoding: str = ""  # the HTTP Content-Encoding header, lower case ("" when none)
 
     @classmethod
     def from_request(cls, request: dict, headers: dict | None = None) -> "Payload":
         """``request`` is TorchServe's dict for one request; ``headers`` its request headers:
         HTTP headers (str values) and, per part, ``{"content-type": ...}``."""
         headers = headers or {}
-        http_type = next((str(v) for k, v in headers.items() if k.lower() == "content-type" and isinstance(v, str)), "")
+        http_type = _http_header(headers, "content-type")
         sent_as_form = http_type.lower().startswith(FORM_TYPE)
         body_key = next((k for k in BODY_KEYS + CONTENT_PART_NAMES if k in request), None)
         if body_key is None and len(request) == 1 and not sent_as_form:
@@ -65,7 +73,28 @@ class Payload:
         part_headers = headers.get(body_key) if body_key else None
         content_type = str(part_headers.get("content-type", "") or "") if isinstance(part_headers, dict) else ""
         unnamed = 0 if body_key or sent_as_form else len(request)
-        return cls(request.get(body_key) if body_key else None, content_type.lower(), fields, sent_as_form, unnamed)
+        return cls(request.get(body_key) if body_key else None, content_type.lower(), fields, sent_as_form, unnamed,
+                   _http_header(headers, "content-encoding").lower())
+
+    @functools.cached_property
+    def content(self) -> Any:
+        """The body with its Content-Encoding undone: gzip (any number of times, as listed) is
+        decoded up to ``MAX_DECODED_BODY_BYTES`` (413 beyond); any other encoding is a 415."""
+        codings = [c.strip() for c in self.content_encoding.split(",") if c.strip() not in ("", "identity")]
+        unknown = [c for c in codings if c not in GZIP_NAMES]
+        if unknown:
+            raise UnsupportedMediaType(
+                f"the body is sent with Content-Encoding '{unknown[0][:40]}', which this server does not decode; "
+                "send it uncompressed or gzip-compressed (Content-Encoding: gzip)")
+        if not codings or self.body is None:
+            return self.body
+        if not isinstance(self.body, (bytes, bytearray)):
+            raise BadInput("the body is marked Content-Encoding: gzip but is not gzip data; send the gzip bytes "
+                           "as they are, or drop the header")
+        data = bytes(self.body)
+        for _ in codings:  # applied in the order listed, so undone in reverse; each is gzip
+            data = _gunzip(data)
+        return data
 
     def json_body(self) -> Any:
         """The body as a JSON value, parsed by TorchServe or here (bytes sent as JSON); None when
@@ -75,11 +104,12 @@ class Payload:
     @functools.cached_property
     def _json(self) -> Any:
         # Parsed once: decode asks for it for the content and again for each option.
-        if not isinstance(self.body, (bytes, bytearray, str)):
-            return self.body  # TorchServe parsed it: dict, list, number, bool (or None: no JSON)
-        if isinstance(self.body, (bytes, bytearray)) and self.content_type.startswith("application/json"):
+        content = self.content
+        if not isinstance(content, (bytes, bytearray, str)):
+            return content  # TorchServe parsed it: dict, list, number, bool (or None: no JSON)
+        if isinstance(content, (bytes, bytearray)) and self.content_type.startswith("application/json"):
             try:
-                return json.loads(self.body)
+                return json.loads(content)
             except RecursionError:
                 raise BadInput("the JSON body is nested too deeply to read; send one flat JSON object") from None
             except (ValueError, TypeError, UnicodeDecodeError) as exc:
@@ -109,13 +139,13 @@ class Payload:
         """The request's text: a raw body (UTF-8), a JSON string, or a JSON object's first field
         of ``json_keys``. Lone UTF-16 surrogates (an emoji cut in half) become U+FFFD."""
         keys = " or ".join(f'"{key}"' for key in json_keys)
-        if isinstance(self.body, (bytes, bytearray)) and self.json_body() is None:
+        if isinstance(self.content, (bytes, bytearray)) and self.json_body() is None:
             try:
-                text = bytes(self.body).decode("utf-8")
+                text = bytes(self.content).decode("utf-8")
             except UnicodeDecodeError as error:
                 raise BadInput(f"the body is not valid UTF-8 (byte {error.start}); send UTF-8 text") from None
         else:
-            document = self.body if isinstance(self.body, str) else self.json_body()
+            document = self.content if isinstance(self.content, str) else self.json_body()
             if isinstance(document, dict):
                 key = next((k for k in json_keys if k in document), None)
                 if key is None:
@@ -144,7 +174,7 @@ class Payload:
                 raise BadInput(f"the JSON body has no '{json_key}' field; send {{\"{json_key}\": \"<base64>\"}} "
                                "or the raw bytes as the body")
             return decode_base64(document[json_key], what=f"'{json_key}'")
-        content = self.body if document is None else document
+        content = self.content if document is None else document
         self._refuse_non_content(content, json_key, f"send the raw bytes, base64 text or {{\"{json_key}\": \"<base64>\"}}")
         if isinstance(content, str) or bytes(content[:5]) == b"data:":
             return decode_base64(content if isinstance(content, str) else bytes(content).decode("ascii", "replace"),
@@ -169,6 +199,29 @@ class Payload:
         if not isinstance(value, (str, bytes, bytearray)):
             json_type = {bool: "boolean", int: "number", float: "number", dict: "object"}.get(type(value), type(value).__name__)
             raise BadInput(f"the JSON body is a {json_type}, not {_a(what)}; {how}")
+
+
+def _http_header(headers: dict, name: str) -> str:
+    """An HTTP header's value ("" when absent); per-part entries (dicts) are not HTTP headers."""
+    return next((v for k, v in headers.items() if k.lower() == name and isinstance(v, str)), "")
+
+
+def _gunzip(data: bytes) -> bytes:
+    """One gzip layer (all its members) decoded, reading no more than ``MAX_DECODED_BODY_BYTES`` out."""
+    decoded = bytearray()
+    while data:
+        decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            decoded += decompressor.decompress(data, MAX_DECODED_BODY_BYTES + 1 - len(decoded))
+        except zlib.error:
+            raise BadInput("the body is marked Content-Encoding: gzip but is not valid gzip data") from None
+        if len(decoded) > MAX_DECODED_BODY_BYTES:
+            raise PayloadTooLarge(f"the gzip body decodes to more than {MAX_DECODED_BODY_BYTES} bytes, the limit "
+                                  "for a body (max_request_size); send less")
+        if not decompressor.eof:
+            raise BadInput("the gzip body is truncated; send the complete gzip data")
+        data = decompressor.unused_data  # a next gzip member, concatenated (as gzip -c a b writes)
+    return bytes(decoded)
 
 
 _B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_\r\n ")

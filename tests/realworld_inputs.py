@@ -7,12 +7,14 @@ sends the same bytes. Each maker says in its docstring which client or device se
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import shutil
 import struct
 import tempfile
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import yaml
 from PIL import Image, ImageOps
 
 from graviton_serve.archive import ArchiveSpec, build_archive, unpack_archive
+from tests.images import bomb_png
 
 # --- images ------------------------------------------------------------------------------------
 
@@ -129,6 +132,54 @@ def truncated_png() -> bytes:
     """The first half of a real PNG (an interrupted upload)."""
     data = png(_photo_like(200, 200))
     return data[: len(data) // 2]
+
+
+def progressive_jpeg(side: int = 1000) -> bytes:
+    """A real progressive JPEG as libjpeg writes it (10 scans), e.g. a web-optimised photo."""
+    buffer = io.BytesIO()
+    _photo_like(side, side).save(buffer, "JPEG", quality=85, progressive=True)
+    return buffer.getvalue()
+
+
+def scan_count(data: bytes) -> int:
+    """Start-of-scan markers in a JPEG written by Pillow (no EXIF, so every FF DA is one)."""
+    return data.count(b"\xff\xda")
+
+
+def many_scans_jpeg(side: int = 4000, scans: int = 2000) -> bytes:
+    """A progressive JPEG of side x side whose last scan is repeated until it has ``scans`` scans:
+    ~160 KB for 4000x4000 with 2000 scans, and libjpeg decodes the whole image once per scan (a
+    crafted input from the "two issues with the JPEG standard" report libjpeg-turbo cites)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 30, 200)).save(buffer, "JPEG", quality=50, progressive=True)
+    data = buffer.getvalue()
+    last_scan = data.rindex(b"\xff\xda")
+    end = data.rindex(b"\xff\xd9")  # end of image; the last scan's data runs up to it
+    repeated = data[:last_scan] + data[last_scan:end] * (scans - scan_count(data) + 1) + data[end:]
+    assert scan_count(repeated) == scans
+    return repeated
+
+
+def lying_ico(side: int = 8000) -> bytes:
+    """An ICO whose directory says 256x256 while the PNG inside is side x side black pixels (~60 KB
+    for 8000x8000): Pillow checks the directory's size on open and decodes the PNG at its own."""
+    embedded = bomb_png(side)
+    directory = struct.pack("<HHH", 0, 1, 1)  # reserved, type 1 = icon, one image
+    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(embedded), 6 + 16)  # 0 x 0 means 256 x 256
+    return directory + entry + embedded
+
+
+def gzip_bomb(decoded_bytes: int = 200 * 1024 * 1024) -> bytes:
+    """``decoded_bytes`` of zeros gzip-compressed (~200 KB for 200 MiB): a body that is small on the
+    wire and huge once decoded."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = b"\x00" * (1024 * 1024)
+    return b"".join(compressor.compress(block) for _ in range(decoded_bytes // len(block))) + compressor.flush()
+
+
+def gzipped(data: bytes) -> bytes:
+    """``data`` as a client with request compression sends it (with Content-Encoding: gzip)."""
+    return gzip.compress(data, mtime=0)
 
 
 def b64(data: bytes) -> str:

@@ -48,8 +48,10 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote
 
+import grpc as grpc_module
 import psutil
 import pytest
 import requests
@@ -69,7 +71,12 @@ from tests.realworld_inputs import (
     deeply_nested_json,
     exif_transpose_error,
     good_png,
+    gzip_bomb,
+    gzipped,
     lone_surrogate_json,
+    lying_ico,
+    many_scans_jpeg,
+    progressive_jpeg,
     panorama_png,
     strip_png,
     truncated_png,
@@ -85,7 +92,8 @@ SERVE_DENSENET = os.environ.get("GS_REALWORLD_DENSENET", "1") != "0"
 IMAGE_MODELS = ["resnet50", "mnist"] + (["densenet161"] if SERVE_DENSENET else [])
 BATCH_KEYS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 3000, "responseTimeout": 120}
 WORKER_HEADROOM_BYTES = 6 * 1024**3
-ERROR_TYPES = {400: "BadInput", 413: "PayloadTooLarge", 507: "OutOfMemory", 500: "InternalError"}
+ERROR_TYPES = {400: "BadInput", 413: "PayloadTooLarge", 415: "UnsupportedMediaType", 507: "OutOfMemory",
+               500: "InternalError"}
 SENTENCE = "This phone is great"
 FILL_SENTENCE = "This phone is <mask>."
 
@@ -143,10 +151,12 @@ def grpc(served):
 # --- sending and checking ----------------------------------------------------------------------
 
 
-def post(served: Served, model: str, data=None, content_type: str | None = None, **kwargs) -> requests.Response:
+def post(served: Served, model: str, data=None, content_type: str | None = None, headers_extra: dict | None = None,
+         **kwargs) -> requests.Response:
     """One REST prediction. ``content_type`` None: what requests sets (none for bytes, the multipart
     type for files=, application/json for json=)."""
-    headers = {**served.server.auth(), **({"Content-Type": content_type} if content_type is not None else {})}
+    headers = {**served.server.auth(), **({"Content-Type": content_type} if content_type is not None else {}),
+               **(headers_extra or {})}
     return requests.post(served.server.url("inference", f"predictions/{model}"), data=data, headers=headers,
                          timeout=180, **kwargs)
 
@@ -511,6 +521,102 @@ def test_case8_mixed_image_batch(served):
     replies = send_batch_and_check(served, IMAGE_BATCH, cases, check_top5)
     assert "max_image_pixels" in replies[2].json()["message"]
     assert_same_workers(served, IMAGE_BATCH)
+
+
+# --- issue 27: compressed bodies, decoding time, containers that lie about their size ---------------
+
+# What one refused request may add to a worker's peak memory: its body and a few copies of it.
+# (A lying 62 KB icon added ~300 MiB before it was refused; a 200 KB gzip of 200 MiB, 200 MiB.)
+REFUSAL_MEMORY_BYTES = 96 * 1024**2
+
+
+def peak_memory_growth(pid: int, send) -> tuple[requests.Response, int]:
+    """``send()``'s reply and how far the worker's peak resident memory rose above its memory
+    before: the kernel's high-water mark (VmHWM), reset to the current size first (clear_refs 5)."""
+    def status_kib(field: str) -> int:
+        line = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith(field + ":"))
+        return int(line.split()[1])
+
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    before = status_kib("VmRSS")
+    reply = send()
+    return reply, (status_kib("VmHWM") - before) * 1024
+
+
+@pytest.mark.parametrize("model, data, content_type, check", [
+    (FILL_MASK, json.dumps({"text": FILL_SENTENCE}).encode(), "application/json", check_fill_mask),
+    (FILL_MASK, FILL_SENTENCE.encode(), "text/plain", check_fill_mask),
+    ("resnet50", good_png(), "image/png", check_top5),
+    ("resnet50", json.dumps({"image": b64(good_png())}).encode(), "application/json", check_top5),
+], ids=["fill_mask_json", "fill_mask_text", "resnet50_png", "resnet50_base64_json"])
+def test_a_gzip_body_is_decoded(served, model, data, content_type, check):
+    reply = post(served, model, gzipped(data), content_type, headers_extra={"Content-Encoding": "gzip"})
+    assert_ok(reply, check)
+
+
+def test_a_gzip_body_is_answered_like_the_plain_one(served):
+    plain = body_of(post(served, FILL_MASK, FILL_SENTENCE.encode(), "text/plain"))
+    compressed = post(served, FILL_MASK, gzipped(FILL_SENTENCE.encode()), "text/plain",
+                      headers_extra={"Content-Encoding": "gzip"})
+    assert body_of(compressed) == plain
+
+
+@pytest.mark.parametrize("model, content_type", [("resnet50", "image/png"), (FILL_MASK, "application/json")])
+def test_a_gzip_bomb_is_refused_having_decoded_at_most_the_body_limit(served, model, content_type):
+    bomb = gzip_bomb()
+    assert len(bomb) < 300_000
+    reply, growth = peak_memory_growth(served.pids[model][0], lambda: post(
+        served, model, bomb, content_type, headers_extra={"Content-Encoding": "gzip"}))
+    assert "gzip" in assert_error(reply, 413)
+    assert growth < REFUSAL_MEMORY_BYTES, f"the worker's peak memory rose by {growth / 2**20:.0f} MiB"
+    assert_same_workers(served, model)
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "deflate"])
+def test_an_encoding_not_decoded_is_415_naming_it(served, encoding):
+    message = assert_error(post(served, FILL_MASK, b"\x00\x01\x02", "text/plain",
+                                headers_extra={"Content-Encoding": encoding}), 415)
+    assert encoding in message and "gzip" in message
+
+
+@pytest.mark.parametrize("body", [b"This phone is <mask>.", gzipped(FILL_SENTENCE.encode())[:-6]],
+                         ids=["not_gzip", "truncated_gzip"])
+def test_a_body_marked_gzip_that_is_not_complete_gzip_is_400(served, body):
+    assert "gzip" in assert_error(post(served, FILL_MASK, body, "text/plain",
+                                       headers_extra={"Content-Encoding": "gzip"}), 400)
+
+
+def test_grpc_request_compression_is_the_transport_s(served, grpc):
+    # gRPC compresses messages itself (grpc-encoding), below TorchServe: the handler sees plain bytes.
+    reply = grpc.inference.Predictions(grpc._request(FILL_MASK, {"data": FILL_SENTENCE.encode()}), timeout=120,
+                                       metadata=grpc._metadata(grpc.inference_token),
+                                       compression=grpc_module.Compression.Gzip)
+    check_fill_mask(json.loads(reply.prediction))
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(served, grpc):
+    data = many_scans_jpeg()
+    assert len(data) < 200_000
+    message = assert_error(post(served, "resnet50", data, "image/jpeg"), 413)
+    assert "scans" in message and "100" in message
+    over_grpc = json.loads(grpc.predict("resnet50", {"data": data}))
+    check_error_body(over_grpc, 413)
+    assert_same_workers(served, "resnet50")
+
+
+@pytest.mark.parametrize("model", ["resnet50", "mnist"])
+def test_a_progressive_jpeg_is_served(served, model):
+    assert_ok(post(served, model, progressive_jpeg(), "image/jpeg"), check_top5)
+
+
+def test_an_icon_whose_directory_lies_is_refused_before_decoding(served, grpc):
+    data = lying_ico()
+    reply, growth = peak_memory_growth(served.pids["resnet50"][0], lambda: post(served, "resnet50", data, "image/x-icon"))
+    message = assert_error(reply, 400)
+    assert "JPEG, PNG" in message and "icons" in message
+    assert growth < REFUSAL_MEMORY_BYTES, f"the worker's peak memory rose by {growth / 2**20:.0f} MiB"
+    check_error_body(json.loads(grpc.predict("resnet50", {"data": data})), 400)
+    assert_same_workers(served, "resnet50")
 
 
 # --- case 7: the workers survived everything ----------------------------------------------------
