@@ -52,14 +52,15 @@ def truncated_png() -> bytes:
 
 
 @functools.lru_cache(maxsize=None)
-def bomb_png(side: int = 20000) -> bytes:
-    """A real PNG of side x side black pixels: a few hundred KB that decode to side^2 bytes."""
+def bomb_png(side: int = 20000, channels: int = 1) -> bytes:
+    """A real PNG of side x side black pixels, grayscale (1 channel) or RGBA (4): a few hundred KB
+    that decode to side^2 x channels bytes."""
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     compressor = zlib.compressobj(9)
-    row = b"\x00" * (side + 1)  # filter byte + one byte per pixel
+    row = b"\x00" * (side * channels + 1)  # filter byte + channels bytes per pixel
     parts = [compressor.compress(row * 1000) for _ in range(side // 1000)]
     parts.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    header = struct.pack(">IIBBBBB", side, side, 8, {1: 0, 4: 6}[channels], 0, 0, 0)  # 8-bit gray or RGBA
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")

@@ -161,9 +161,10 @@ def many_scans_jpeg(side: int = 4000, scans: int = 2000) -> bytes:
 
 
 def lying_ico(side: int = 8000) -> bytes:
-    """An ICO whose directory says 256x256 while the PNG inside is side x side black pixels (~60 KB
-    for 8000x8000): Pillow checks the directory's size on open and decodes the PNG at its own."""
-    embedded = bomb_png(side)
+    """An ICO whose directory says 256x256 while the PNG inside is side x side transparent black
+    pixels (~250 KB for 8000x8000 RGBA, 256 MB decoded): Pillow checks the directory's size on open
+    and decodes the PNG at its own."""
+    embedded = bomb_png(side, channels=4)
     directory = struct.pack("<HHH", 0, 1, 1)  # reserved, type 1 = icon, one image
     entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(embedded), 6 + 16)  # 0 x 0 means 256 x 256
     return directory + entry + embedded
