@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from handlers.errors import BadInput, PayloadTooLarge, error_body, status_for
+from handlers.errors import BadInput, PayloadTooLarge, UnsupportedMediaType, error_body, status_for
 from handlers.settings import Setting, positive_int, read_settings
 from tests.conftest import TESTS
 from tests.inprocess import load_model_dir, load_service, predict, request
@@ -79,6 +79,7 @@ def test_describe_returns_metadata(probe, tmp_path):
     [
         (BadInput("x"), 400, "BadInput"),
         (PayloadTooLarge("x"), 413, "PayloadTooLarge"),
+        (UnsupportedMediaType("x"), 415, "UnsupportedMediaType"),
         (torch.OutOfMemoryError("x"), 507, "OutOfMemory"),
         (MemoryError(), 507, "OutOfMemory"),
         (ValueError("x"), 500, "InternalError"),

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import gzip
+import io
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from handlers.errors import BadInput, PayloadTooLarge
-from handlers.images import check_resize, open_image, to_gray, to_rgb
-from handlers.payload import Payload
+from graviton_serve.paths import ROOT
+from handlers.images import MAX_JPEG_SCANS, check_jpeg_scans, check_resize, open_image, to_gray, to_rgb
+from handlers.payload import MAX_DECODED_BODY_BYTES, Payload
 from handlers.settings import positive_int
 from tests.images import bomb_png, png, truncated_png
 
@@ -119,3 +122,27 @@ def test_messages_name_what_is_missing_without_echoing_the_input():
     assert "abc" not in error.value.message and "integer from 1 to 10" in error.value.message
     data_url = b"data:image/png;base64," + base64.b64encode(PNG)
     assert Payload.from_request({"body": data_url}).binary("image") == PNG  # a data URL sent as raw bytes
+
+
+def test_a_gzip_body_decodes_to_at_most_what_torchserve_accepts_plain():
+    properties = dict(line.split("=", 1) for line in (ROOT / "config.properties").read_text().splitlines()
+                      if "=" in line and not line.startswith("#"))
+    assert MAX_DECODED_BODY_BYTES == int(properties["max_request_size"])
+
+
+def test_gzip_members_and_layers_are_all_decoded():
+    two_members = gzip.compress(b"This phone ") + gzip.compress(b"is great")
+    assert Payload(two_members, "text/plain", content_encoding="gzip").text(("text",), 100) == "This phone is great"
+    twice = gzip.compress(gzip.compress(b"This phone is great"))
+    assert Payload(twice, "text/plain", content_encoding="gzip, gzip").text(("text",), 100) == "This phone is great"
+    assert Payload(b"plain", "text/plain", content_encoding="identity").text(("text",), 100) == "plain"
+
+
+def test_jpeg_scans_are_counted_by_segments_not_by_bytes():
+    # bytes inside a segment (an EXIF thumbnail's own scans, a comment) are skipped by its length
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, "JPEG", progressive=True, comment=b"\xff\xda" * 200)
+    data = buffer.getvalue()
+    assert data.count(b"\xff\xda") > MAX_JPEG_SCANS
+    check_jpeg_scans(data)  # 10 real scans: no error
+    assert open_image(data, 10_000).size == (64, 64)
