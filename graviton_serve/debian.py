@@ -64,17 +64,27 @@ def ensure_tools(arch: str) -> None:
 
 def qemu_aarch64() -> Path:
     """The static ``qemu-aarch64`` of Debian's ``qemu-user`` from bookworm-backports (10.0.x),
-    fetched once into ``QEMU_DIR``. ``apt-get download`` runs with a private APT configuration
-    (its own sources list, package lists and cache), so the machine's apt sources and state stay
-    as they are; the package is verified against Debian's archive key like any apt download.
-    Raises DebianError naming the step."""
-    folder, binary = QEMU_DIR, QEMU_BINARY
+    fetched once into ``QEMU_DIR`` (``fetch_from_deb``). Raises DebianError naming the step."""
+    if QEMU_BINARY.exists():
+        return QEMU_BINARY
+    package, suite = QEMU_PACKAGE
+    binary = fetch_from_deb(package, suite, "usr/bin/qemu-aarch64", QEMU_BINARY, "~63 MB")
+    say(f"qemu-user: {qemu_version(binary)} at {binary}")
+    return binary
+
+
+def fetch_from_deb(package: str, suite: str, member: str, binary: Path, size: str) -> Path:
+    """The file ``member`` of Debian's ``package`` from ``suite``, fetched once to ``binary``
+    (beside it: VERSION). ``apt-get download`` runs with a private APT configuration (its own
+    sources list, package lists and cache), so the machine's apt sources and state stay as they
+    are and nothing is installed; the package is verified against Debian's archive key like any
+    apt download. Raises DebianError naming the step."""
+    folder = binary.parent
     if binary.exists():
         return binary
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise DebianError("qemu-user 10 comes from Debian's bookworm-backports: apt-get and dpkg-deb are needed to fetch it")
-    package, suite = QEMU_PACKAGE
-    say(f"qemu-user: fetching {package} from Debian {suite} into {folder} (apt-get download, private sources; ~63 MB, once)")
+        raise DebianError(f"{package} comes from Debian {suite}: apt-get and dpkg-deb are needed to fetch it")
+    say(f"{package}: fetching it from Debian {suite} into {folder} (apt-get download, private sources; {size}, once)")
     work = folder.with_name(folder.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     for sub in ("lists/partial", "cache/archives/partial", "download", "unpacked"):
@@ -96,11 +106,10 @@ def qemu_aarch64() -> Path:
     version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True).stdout.strip()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    shutil.copy2(work / "unpacked/usr/bin/qemu-aarch64", binary.with_suffix(".partial"))
+    shutil.copy2(work / "unpacked" / member, binary.with_suffix(".partial"))
     (folder / "VERSION").write_text(f"{package} {version} from Debian {suite}\n")
     binary.with_suffix(".partial").rename(binary)  # last: its presence means the fetch is complete
     shutil.rmtree(work)
-    say(f"qemu-user: {qemu_version(binary)} at {binary}")
     return binary
 
 

@@ -6,6 +6,10 @@ graviton_serve.run_folder): the rendered config.properties, logs, key file, metr
 gets its own TMPDIR and the tests never touch another server). It is stopped by its own PIDs, never
 by process name.
 
+Clients call its REST APIs through the HTTP front (graviton_serve.http_front: nginx, which answers
+pipelined requests in order and closes HTTP/1.0 connections), at the configured addresses;
+TorchServe's own REST listeners are on free loopback ports behind it. gRPC is TorchServe's alone.
+
 Its properties come from graviton_serve.torchserve_config, its management calls go through
 graviton_serve.management, draining it is graviton_serve.drain, and holding it in the foreground
 until SIGTERM is graviton_serve.foreground.
@@ -25,10 +29,11 @@ from pathlib import Path
 
 import psutil
 
+from graviton_serve.http_front import APIS, HttpFront, Listener
 from graviton_serve.java import find_java_home
 from graviton_serve.management import ManagementClient
 from graviton_serve.run_folder import MODEL_LOG, TS_LOG, RunFolder
-from graviton_serve.torchserve_config import Ports, ServerConfig, write_properties
+from graviton_serve.torchserve_config import Ports, ServerConfig, free_loopback_ports, listen_address, write_properties
 from handlers.launch import launch_environment
 
 
@@ -72,6 +77,7 @@ class TorchServe:
         self.host = config.host
         self.token_auth = config.token_auth
         self.run_folder = RunFolder(self.run_dir)  # every path under run_dir
+        self.front: HttpFront | None = None  # while started
         self.log_starts: dict[str, int] = {}  # where this start's lines begin in TorchServe's logs
 
     # -- addresses and credentials ------------------------------------------------------------
@@ -143,7 +149,12 @@ class TorchServe:
         self.run_folder.key_file.unlink(missing_ok=True)
         # TorchServe appends to its logs: what this start wrote begins at these sizes
         self.log_starts = {name: _size(self.run_folder.log(name)) for name in (MODEL_LOG, TS_LOG)}
-        write_properties(self.run_folder.config, self.properties)
+        listeners = self.front_listeners()
+        # TorchServe's REST listeners: loopback ports behind the front; everything else as configured
+        write_properties(self.run_folder.config, {
+            **self.properties, **{f"{l.api}_address": f"http://127.0.0.1:{l.upstream_port}" for l in listeners}})
+        self.front = HttpFront(listeners, self.run_folder)
+        self.front.start()
         command = [
             str(Path(sys.executable).with_name("torchserve")), "--start",
             "--ts-config", str(self.run_folder.config),
@@ -151,12 +162,12 @@ class TorchServe:
         ]
         if foreground:
             command.append("--foreground")
-        with open(self.run_folder.console_log, "ab") as console:
-            launcher = subprocess.Popen(
-                command, cwd=self.run_dir, env=self.environment(), stdout=console, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )
         try:
+            with open(self.run_folder.console_log, "ab") as console:
+                launcher = subprocess.Popen(
+                    command, cwd=self.run_dir, env=self.environment(), stdout=console, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True,
+                )
             if not foreground:
                 launcher.wait(timeout=60)
             self.wait_ready(timeout, cancel)
@@ -164,6 +175,12 @@ class TorchServe:
             self.stop()
             raise
         return launcher if foreground else None
+
+    def front_listeners(self) -> list[Listener]:
+        """Each REST API's configured address (the front's) and a free loopback port for TorchServe."""
+        public = [listen_address(self.properties, f"{api}_address") for api in APIS]
+        upstream = free_loopback_ports(len(APIS), exclude={port for _, port in public})
+        return [Listener(api, host, port, inner) for api, (host, port), inner in zip(APIS, public, upstream)]
 
     def expected_models(self) -> list[str]:
         return sorted(path.stem for path in self.model_store.glob("*.mar"))
@@ -209,14 +226,19 @@ class TorchServe:
         return "\n".join(found[MODEL_LOG][-(lines - len(frontend)):] + frontend)
 
     def processes(self) -> list[psutil.Process]:
-        """The frontend and all its descendants (the Python workers)."""
+        """The frontend and all its descendants (the Python workers), then the HTTP front's."""
+        front = self.front.processes() if self.front else []
         if not self.is_running():
-            return []
+            return front
         frontend = psutil.Process(self.pid)
-        return [frontend, *frontend.children(recursive=True)]
+        return [frontend, *frontend.children(recursive=True), *front]
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop this instance and wait until its processes have exited."""
+        """Stop this instance and wait until its processes have exited: the HTTP front first (no
+        new request gets in; answers under way are finished), then TorchServe."""
+        if self.front:
+            self.front.stop()
+            self.front = None
         processes = self.processes()
         if processes:
             processes[0].send_signal(signal.SIGTERM)

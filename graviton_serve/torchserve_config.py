@@ -74,23 +74,36 @@ class Ports:
     @classmethod
     def free(cls) -> "Ports":
         """Five currently free loopback ports (for tests and side-by-side servers)."""
-        sockets = []
-        try:
-            for _ in range(5):
-                s = socket.socket()
-                s.bind(("127.0.0.1", 0))
-                sockets.append(s)
-            return cls(*(s.getsockname()[1] for s in sockets))
-        finally:
-            for s in sockets:
+        return cls(*free_loopback_ports(5))
+
+
+def free_loopback_ports(count: int, exclude: set[int] = frozenset()) -> list[int]:
+    """``count`` currently free loopback ports, none of them in ``exclude`` (ports chosen for
+    listeners that are not bound yet)."""
+    sockets = []
+    try:
+        while len(sockets) < count:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] in exclude:
                 s.close()
+                continue
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
-def _port_of(properties: dict[str, str], key: str) -> int:
-    match = re.search(r":(\d+)/?$", properties.get(key, ""))
+def listen_address(properties: dict[str, str], key: str) -> tuple[str, int]:
+    """(host, port) of a REST address such as ``http://0.0.0.0:8080``; an https address is an
+    error naming the key (the HTTP front in front of TorchServe speaks plain HTTP: terminate TLS
+    at a load balancer or ingress)."""
+    match = re.fullmatch(r"http://(\[[0-9a-fA-F:.]+\]|[^:/\[\]]+):(\d+)/?", properties.get(key, "").strip())
     if not match:
-        raise ConfigError(f"config key '{key}' must be an address with a port, e.g. http://127.0.0.1:8080")
-    return int(match.group(1))
+        raise ConfigError(f"config key '{key}' must be a plain HTTP address with a port, e.g. http://127.0.0.1:8080 "
+                          f"(got '{properties.get(key, '')[:80]}'; TLS belongs to a load balancer or ingress in front)")
+    return match.group(1), int(match.group(2))
 
 
 @dataclass(frozen=True)
@@ -124,9 +137,9 @@ class ServerConfig:
             properties["grpc_inference_port"] = str(ports.grpc_inference)
             properties["grpc_management_port"] = str(ports.grpc_management)
         listening = Ports(
-            _port_of(properties, "inference_address"),
-            _port_of(properties, "management_address"),
-            _port_of(properties, "metrics_address"),
+            listen_address(properties, "inference_address")[1],
+            listen_address(properties, "management_address")[1],
+            listen_address(properties, "metrics_address")[1],
             int(properties.get("grpc_inference_port", "7070")),
             int(properties.get("grpc_management_port", "7071")),
         )

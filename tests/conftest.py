@@ -53,6 +53,15 @@ def mnist_variant(mnist_dir: Path, export_dir: Path, name: str, model_config: di
     return build_archive(spec, export_dir)
 
 
+def slow_archive(store: Path, work: Path) -> Path:
+    """Model "slow" (tests/slow_handler.py): the body is how many tenths of a second to sleep; one request per batch."""
+    weights = work / "none.pt"
+    weights.write_bytes(b"")
+    spec = ArchiveSpec("slow", "", weights, {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1,
+                                             "responseTimeout": 60}, {}, handler_file=TESTS / "slow_handler.py")
+    return build_archive(spec, store)
+
+
 class ServerUnderTest:
     """Starts a real TorchServe over ``archives`` and, on stop, checks nothing of it is left."""
 

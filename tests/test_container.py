@@ -18,23 +18,14 @@ import pytest
 import requests
 
 from graviton_serve import container as container_main
-from graviton_serve.archive import ArchiveSpec, build_archive
 from graviton_serve.drain import DRAIN_TIMEOUT_S
 from graviton_serve.paths import ROOT
 from graviton_serve.run_folder import MODEL_LOG, TS_LOG
 from graviton_serve.server import READY_TIMEOUT_S, TorchServe
 from graviton_serve.torchserve_config import Ports
-from tests.conftest import TESTS
+from tests.conftest import TESTS, slow_archive
 
 CONTAINER_CONFIG = ROOT / "docker" / "config.properties"
-
-
-def slow_archive(store: Path, work: Path) -> Path:
-    weights = work / "none.pt"
-    weights.write_bytes(b"")
-    spec = ArchiveSpec("slow", "", weights, {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1,
-                                             "responseTimeout": 60}, {}, handler_file=TESTS / "slow_handler.py")
-    return build_archive(spec, store)
 
 
 def loopback_config(path: Path, ports: Ports) -> Path:

@@ -25,8 +25,7 @@ from graviton_serve.families import of_archive
 from graviton_serve.grpc_client import GrpcClient
 from graviton_serve.paths import MODEL_STORE
 from graviton_serve.torchserve_config import Ports
-from tests.conftest import ServerUnderTest
-from tests.test_container import slow_archive
+from tests.conftest import ServerUnderTest, slow_archive
 
 REASON = image.unavailable_reason()
 pytestmark = [pytest.mark.integration, pytest.mark.container,

@@ -1,0 +1,177 @@
+"""The HTTP front: nginx in front of TorchServe's three REST listeners (inference, management, metrics).
+
+Why: TorchServe 0.12's Netty frontend writes each answer when its inference finishes, so requests
+pipelined on one keep-alive connection come back in the order they finish, not the order sent
+(RFC 9112 section 9.3.2 requires the order sent: a pipelining client pairs answers by order and
+hands each request another's answer); and it answers an HTTP/1.0 request without ``Connection:
+keep-alive`` as keep-alive and leaves the connection open (ApacheBench without -k hangs). nginx
+reads one request at a time per client connection and closes HTTP/1.0 connections unless asked
+to keep them, and it is Debian's, in C, and well kept. TorchServe's REST listeners move to free
+loopback ports that only nginx calls; clients call the configured addresses, now nginx's.
+
+What nginx must not change, and how it does not: the token (headers pass as sent), bodies over
+``max_request_size`` (no body limit here and no request buffering: TorchServe's own 413), answers
+streamed in chunks (no response buffering), gRPC (not proxied at all: its ports stay TorchServe's),
+TorchServe's response timeout (nginx waits longer), and the drain (stopped after TorchServe).
+
+nginx is the system's (``nginx`` on PATH or /usr/sbin/nginx: the container installs Debian's
+nginx) or, on a machine without it, the binary of Debian's nginx fetched once into the
+cache (graviton_serve.debian.fetch_from_deb: nothing installed, no service started).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from graviton_serve import debian
+from graviton_serve.paths import CACHE_DIR
+from graviton_serve.run_folder import RunFolder
+
+NGINX_PACKAGE = ("nginx", debian.SUITE)
+NGINX_BINARY = CACHE_DIR / "nginx" / "nginx"  # present only once a fetch has completed
+START_TIMEOUT_S = 10
+# nginx waits this long for TorchServe's answer; TorchServe's own responseTimeout (120 s default)
+# ends a slow inference first, with its own error.
+UPSTREAM_TIMEOUT_S = 3600
+APIS = ("inference", "management", "metrics")
+
+
+class FrontError(RuntimeError):
+    pass
+
+
+def nginx_binary() -> Path:
+    """The system's nginx, else Debian's nginx binary fetched once into the cache."""
+    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+    if found:
+        return Path(found)
+    package, suite = NGINX_PACKAGE
+    try:
+        return debian.fetch_from_deb(package, suite, "usr/sbin/nginx", NGINX_BINARY, "~600 KB")
+    except debian.DebianError as error:
+        raise FrontError(f"nginx is needed in front of TorchServe's REST ports and could not be fetched ({error}); "
+                         "install it (Debian/Ubuntu: apt-get install nginx) and run again") from None
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One REST API: where clients call it (``host``, ``port``) and where TorchServe listens for it."""
+
+    api: str
+    host: str  # as written in the config, e.g. 127.0.0.1, 0.0.0.0, [::]
+    port: int
+    upstream_port: int  # TorchServe's own listener, on 127.0.0.1
+
+
+def render_config(listeners: list[Listener], run_folder: RunFolder) -> str:
+    """nginx.conf for ``listeners``; every path it writes is under the run folder (a read-only root
+    filesystem in the container has nothing else writable)."""
+    front = run_folder.front
+    temp = "\n".join(f"    {kind}_temp_path {front / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    servers = "\n".join(f"""
+    upstream torchserve_{l.api} {{
+        server 127.0.0.1:{l.upstream_port};
+        keepalive 32;
+    }}
+    server {{
+        listen {l.host}:{l.port};
+        location / {{
+            proxy_pass http://torchserve_{l.api};
+        }}
+    }}""" for l in listeners)
+    return f"""# Written by graviton_serve.http_front for this run; see that module for why each line is here.
+worker_processes 1;
+pid {front / "nginx.pid"};
+error_log {run_folder.log("nginx_error.log")} warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;  # TorchServe's access log records every request
+    server_tokens off;
+{temp}
+    client_max_body_size 0;  # TorchServe enforces max_request_size (its 413)
+    proxy_request_buffering off;
+    proxy_buffering off;  # streamed answers pass chunk by chunk
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";  # keep-alive to TorchServe, whatever the client asked
+    proxy_set_header Host $http_host;
+    proxy_read_timeout {UPSTREAM_TIMEOUT_S}s;
+    proxy_send_timeout {UPSTREAM_TIMEOUT_S}s;
+    keepalive_requests 100000;
+{servers}
+}}
+"""
+
+
+class HttpFront:
+    """nginx for one TorchServe instance: started and stopped by its own PID."""
+
+    def __init__(self, listeners: list[Listener], run_folder: RunFolder):
+        self.listeners = listeners
+        self.run_folder = run_folder
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start nginx and wait until every listener accepts connections; FrontError (with
+        nginx's own words) when it exits or does not listen in time."""
+        front = self.run_folder.front
+        front.mkdir(parents=True, exist_ok=True)
+        self.run_folder.logs.mkdir(parents=True, exist_ok=True)
+        conf = front / "nginx.conf"
+        conf.write_text(render_config(self.listeners, self.run_folder))
+        error_log = self.run_folder.log("nginx_error.log")
+        command = [str(nginx_binary()), "-p", str(front), "-e", str(error_log), "-c", str(conf), "-g", "daemon off;"]
+        with open(self.run_folder.console_log, "ab") as console:
+            self.process = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        waiting = list(self.listeners)
+        while waiting:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                said = error_log.read_text(errors="replace").strip().splitlines()[-3:] if error_log.exists() else []
+                raise FrontError("nginx (the HTTP front) did not start: " + (" | ".join(said) or "no word in its log"))
+            waiting = [l for l in waiting if not _accepts(l)]
+            time.sleep(0.05)
+
+    def processes(self) -> list[psutil.Process]:
+        """nginx's master and workers."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        try:
+            master = psutil.Process(self.process.pid)
+            return [master, *master.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful quit (SIGQUIT: connections finish their current answer), then kill."""
+        processes = self.processes()
+        if processes:
+            processes[0].send_signal(signal.SIGQUIT)
+            _, alive = psutil.wait_procs(processes, timeout=timeout)
+            for process in alive:
+                process.kill()
+            psutil.wait_procs(alive, timeout=5)
+        if self.process is not None:
+            self.process.wait(timeout=5)
+        self.process = None
+
+
+def _accepts(listener: Listener) -> bool:
+    host = listener.host.strip("[]")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    try:
+        with socket.create_connection((host, listener.port), timeout=0.5):
+            return True
+    except OSError:
+        return False

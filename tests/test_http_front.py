@@ -1,0 +1,145 @@
+"""The HTTP front (graviton_serve.http_front) through a real TorchServe: pipelined requests are
+answered in the order sent, HTTP/1.0 connections are closed unless kept alive, on every REST port.
+
+Each behaviour is also asserted the other way round on TorchServe's own listener behind the front
+(the ``torchserve_itself`` tests): those are the faults the front is there for, measured on this
+TorchServe, and they would tell if a TorchServe release fixed them.
+
+Requests are written by hand on a socket: no HTTP client library pipelines or speaks HTTP/1.0.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from tests.conftest import ServerUnderTest, slow_archive
+from tests.realworld_inputs import good_png
+
+pytestmark = pytest.mark.integration
+
+SLOW_TENTHS = 20  # the slow model sleeps 2 s: the fast answers behind it are ready long before
+NOT_CLOSED_WAIT_S = 3.0  # how long a test waits to see that a connection stays open
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, mnist_mar):
+    root = tmp_path_factory.mktemp("ts_front")
+    work = root / "work"
+    work.mkdir()
+    under_test = ServerUnderTest(root, [mnist_mar, slow_archive(work, work)])
+    yield under_test.start()
+    under_test.stop()
+
+
+def request(server, model: str, body: bytes, version: str = "HTTP/1.1", extra: str = "") -> bytes:
+    return (f"POST /predictions/{model} {version}\r\nHost: test\r\nAuthorization: Bearer {server.token()}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def read_answer(stream) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP answer (Content-Length framed, as TorchServe's are) from a socket's file."""
+    status = int(stream.readline().split()[1])
+    headers = {}
+    while (line := stream.readline().decode("latin-1").strip()):
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return status, headers, stream.read(int(headers.get("content-length", 0)))
+
+
+def pipelined(port: int, requests: list[bytes]) -> list[bytes]:
+    """Write every request at once on one connection, then read as many answers; their bodies."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        connection.sendall(b"".join(requests))
+        stream = connection.makefile("rb")
+        return [read_answer(stream)[2] for _ in requests]
+
+
+def pipelined_mix(server) -> tuple[list[bytes], list[str]]:
+    """slow (2 s), mnist, slow (0.1 s), mnist: the requests, and what kind each answer must be."""
+    return ([request(server, "slow", str(SLOW_TENTHS).encode()), request(server, "mnist", good_png(28)),
+             request(server, "slow", b"1"), request(server, "mnist", good_png(28))],
+            ["slow", "mnist", "slow", "mnist"])
+
+
+def kind_of(body: bytes) -> str:
+    answer = json.loads(body)
+    return "slow" if "slept_tenths" in answer else "mnist" if "0" in answer or len(answer) == 5 else repr(answer)
+
+
+def test_pipelined_requests_are_answered_in_the_order_sent(server):
+    requests, expected = pipelined_mix(server)
+    bodies = pipelined(server.ports.inference, requests)
+    assert [kind_of(body) for body in bodies] == expected
+    assert json.loads(bodies[0]) == {"slept_tenths": SLOW_TENTHS} and json.loads(bodies[2]) == {"slept_tenths": 1}
+
+
+def test_torchserve_itself_answers_pipelined_requests_in_the_order_they_finish(server):
+    requests, expected = pipelined_mix(server)
+    bodies = pipelined(upstream_port(server, "inference"), requests)
+    assert [kind_of(body) for body in bodies] != expected  # mnist's answers overtake the slow one
+
+
+def test_pipelined_management_requests_are_answered_in_order(server):
+    auth = f"Authorization: Bearer {server.token('management')}\r\n"
+    requests = [f"GET /models/{model} HTTP/1.1\r\nHost: test\r\n{auth}\r\n".encode() for model in ("slow", "mnist") * 3]
+    bodies = pipelined(server.ports.management, requests)
+    assert [json.loads(body)[0]["modelName"] for body in bodies] == ["slow", "mnist"] * 3
+
+
+def answer_and_whether_closed(port: int, data: bytes) -> tuple[int, dict[str, str], bool]:
+    """Send ``data``, read one answer, then wait up to NOT_CLOSED_WAIT_S for the server to close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        connection.sendall(data)
+        stream = connection.makefile("rb")
+        status, headers, _ = read_answer(stream)
+        connection.settimeout(NOT_CLOSED_WAIT_S)
+        try:
+            closed = stream.read(1) == b""
+        except (TimeoutError, socket.timeout):
+            closed = False
+        return status, headers, closed
+
+
+@pytest.mark.parametrize("api", ["inference", "management", "metrics"])
+def test_an_http10_request_is_answered_and_its_connection_closed(server, api):
+    if api == "inference":
+        data = request(server, "mnist", good_png(28), version="HTTP/1.0")
+    else:
+        path = "/models" if api == "management" else "/metrics"
+        data = f"GET {path} HTTP/1.0\r\nAuthorization: Bearer {server.token('management')}\r\n\r\n".encode()
+    started = time.monotonic()
+    status, headers, closed = answer_and_whether_closed(getattr(server.ports, api), data)
+    assert status == 200 and closed, (status, headers, closed)
+    assert headers.get("connection", "close").lower() == "close"
+    assert time.monotonic() - started < NOT_CLOSED_WAIT_S  # closed at once, not by the wait running out
+
+
+def test_torchserve_itself_keeps_an_http10_connection_open(server):
+    status, headers, closed = answer_and_whether_closed(
+        upstream_port(server, "inference"), request(server, "mnist", good_png(28), version="HTTP/1.0"))
+    assert status == 200 and not closed and headers.get("connection", "").lower() == "keep-alive"
+
+
+def test_an_http10_client_that_asks_for_keep_alive_keeps_its_connection(server):
+    with socket.create_connection(("127.0.0.1", server.ports.inference), timeout=60) as connection:
+        stream = connection.makefile("rb")
+        for _ in range(2):
+            connection.sendall(request(server, "mnist", good_png(28), "HTTP/1.0", "Connection: keep-alive\r\n"))
+            status, headers, body = read_answer(stream)
+            assert status == 200 and kind_of(body) == "mnist", (status, body)
+            assert headers.get("connection", "").lower() == "keep-alive"
+
+
+def test_torchserve_s_own_listeners_are_loopback_only(server):
+    for listener in server.front.listeners:
+        assert listener.upstream_port not in (server.ports.inference, server.ports.management, server.ports.metrics)
+        written = f"{listener.api}_address=http://127.0.0.1:{listener.upstream_port}"
+        assert written in server.run_folder.config.read_text().splitlines()
+
+
+def upstream_port(server, api: str) -> int:
+    return next(listener.upstream_port for listener in server.front.listeners if listener.api == api)
