@@ -5,7 +5,7 @@ Each behaviour is also asserted the other way round on TorchServe's own listener
 (the ``torchserve_itself`` tests): those are the faults the front is there for, measured on this
 TorchServe, and they would tell if a TorchServe release fixed them.
 
-Requests are written by hand on a socket: no HTTP client library pipelines or speaks HTTP/1.0.
+Requests are written by hand on a socket (tests/raw_http.py).
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import socket
 import time
 
 import pytest
+import requests as http
 
 from tests.conftest import ServerUnderTest, slow_archive
+from tests.raw_http import NOT_CLOSED_WAIT_S, answer_and_whether_closed, pipelined, read_answer
 from tests.realworld_inputs import good_png
 
 pytestmark = pytest.mark.integration
 
 SLOW_TENTHS = 20  # the slow model sleeps 2 s: the fast answers behind it are ready long before
-NOT_CLOSED_WAIT_S = 3.0  # how long a test waits to see that a connection stays open
 
 
 @pytest.fixture(scope="module")
@@ -38,24 +39,6 @@ def server(tmp_path_factory, mnist_mar):
 def request(server, model: str, body: bytes, version: str = "HTTP/1.1", extra: str = "") -> bytes:
     return (f"POST /predictions/{model} {version}\r\nHost: test\r\nAuthorization: Bearer {server.token()}\r\n"
             f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
-
-
-def read_answer(stream) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP answer (Content-Length framed, as TorchServe's are) from a socket's file."""
-    status = int(stream.readline().split()[1])
-    headers = {}
-    while (line := stream.readline().decode("latin-1").strip()):
-        key, _, value = line.partition(":")
-        headers[key.strip().lower()] = value.strip()
-    return status, headers, stream.read(int(headers.get("content-length", 0)))
-
-
-def pipelined(port: int, requests: list[bytes]) -> list[bytes]:
-    """Write every request at once on one connection, then read as many answers; their bodies."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
-        connection.sendall(b"".join(requests))
-        stream = connection.makefile("rb")
-        return [read_answer(stream)[2] for _ in requests]
 
 
 def pipelined_mix(server) -> tuple[list[bytes], list[str]]:
@@ -90,20 +73,6 @@ def test_pipelined_management_requests_are_answered_in_order(server):
     assert [json.loads(body)[0]["modelName"] for body in bodies] == ["slow", "mnist"] * 3
 
 
-def answer_and_whether_closed(port: int, data: bytes) -> tuple[int, dict[str, str], bool]:
-    """Send ``data``, read one answer, then wait up to NOT_CLOSED_WAIT_S for the server to close."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
-        connection.sendall(data)
-        stream = connection.makefile("rb")
-        status, headers, _ = read_answer(stream)
-        connection.settimeout(NOT_CLOSED_WAIT_S)
-        try:
-            closed = stream.read(1) == b""
-        except (TimeoutError, socket.timeout):
-            closed = False
-        return status, headers, closed
-
-
 @pytest.mark.parametrize("api", ["inference", "management", "metrics"])
 def test_an_http10_request_is_answered_and_its_connection_closed(server, api):
     if api == "inference":
@@ -132,6 +101,35 @@ def test_an_http10_client_that_asks_for_keep_alive_keeps_its_connection(server):
             status, headers, body = read_answer(stream)
             assert status == 200 and kind_of(body) == "mnist", (status, body)
             assert headers.get("connection", "").lower() == "keep-alive"
+
+
+def test_a_chunked_body_is_passed_on(server):
+    png = good_png(28)
+    reply = http.post(server.url("inference", "predictions/mnist"), data=iter([png[:100], png[100:]]),
+                      headers={**server.auth(), "Content-Type": "image/png"}, timeout=60)
+    assert reply.request.headers.get("Transfer-Encoding") == "chunked"
+    assert reply.status_code == 200 and kind_of(reply.content) == "mnist", reply.text
+
+
+def test_expect_100_continue_gets_its_100_then_the_answer(server):
+    body = good_png(28)
+    head = request(server, "mnist", b"", extra="Expect: 100-continue\r\n").replace(b"Content-Length: 0",
+                                                                                  f"Content-Length: {len(body)}".encode())
+    with socket.create_connection(("127.0.0.1", server.ports.inference), timeout=60) as connection:
+        connection.sendall(head)
+        stream = connection.makefile("rb")
+        assert stream.readline().split()[1] == b"100"
+        assert stream.readline() == b"\r\n"
+        connection.sendall(body)
+        status, _, answer = read_answer(stream)
+    assert status == 200 and kind_of(answer) == "mnist"
+
+
+def test_a_body_over_max_request_size_still_gets_torchserve_s_413(server):
+    limit = int(server.properties["max_request_size"])
+    reply = http.post(server.url("inference", "predictions/mnist"), data=b"\0" * (limit + 1),
+                      headers={**server.auth(), "Content-Type": "image/png"}, timeout=60)
+    assert reply.status_code == 413 and reply.content == b""
 
 
 def test_torchserve_s_own_listeners_are_loopback_only(server):

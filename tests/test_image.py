@@ -26,6 +26,8 @@ from graviton_serve.grpc_client import GrpcClient
 from graviton_serve.paths import MODEL_STORE
 from graviton_serve.torchserve_config import Ports
 from tests.conftest import ServerUnderTest, slow_archive
+from tests.raw_http import answer_and_whether_closed, pipelined
+from tests.realworld_inputs import good_png
 
 REASON = image.unavailable_reason()
 pytestmark = [pytest.mark.integration, pytest.mark.container,
@@ -227,6 +229,20 @@ def test_every_demo_model_answers_as_the_host_side_server_does(served, host_serv
                 assert top_answer(reply.json()) == top_answer(host_reply.json()), model
             print(f"{model} (container {precisions[0]}, host {precisions[1]}):\n  container {reply.text[:150]}\n"
                   f"  host      {host_reply.text[:150]}")
+
+
+def test_pipelined_requests_are_answered_in_order_and_http10_closed(served):
+    # the HTTP front inside the image: densenet161 (slowest) first, mnist's answers must wait for it
+    token = served.keys()["inference"]["key"]
+    models = ["densenet161", "mnist", "resnet50", "mnist"]
+    sent = [f"POST /predictions/{model} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+            for model, body in zip(models, [good_png(), good_png(28), good_png(), good_png(28)])]
+    answers = [json.loads(body) for body in pipelined(served.ports.inference, sent)]
+    assert [all(label.isdigit() for label in answer) for answer in answers] == [False, True, False, True], answers
+    http10 = sent[1].replace(b"HTTP/1.1", b"HTTP/1.0")
+    status, _, closed = answer_and_whether_closed(served.ports.inference, http10)
+    assert status == 200 and closed
 
 
 def test_grpc_from_the_host_gives_the_rest_answer(served):
