@@ -9,10 +9,12 @@ reads one request at a time per client connection and closes HTTP/1.0 connection
 to keep them, and it is Debian's, in C, and well kept. TorchServe's REST listeners move to free
 loopback ports that only nginx calls; clients call the configured addresses, now nginx's.
 
-What nginx must not change, and how it does not: the token (headers pass as sent), bodies over
-``max_request_size`` (no body limit here and no request buffering: TorchServe's own 413), answers
+What nginx must not change, and how it does not: the token (headers pass as sent), answers
 streamed in chunks (no response buffering), gRPC (not proxied at all: its ports stay TorchServe's),
-TorchServe's response timeout (nginx waits longer), and the drain (stopped after TorchServe).
+TorchServe's response timeout (nginx waits longer), and the drain (stopped after TorchServe drained).
+What it adds: a body is read whole before TorchServe sees it (a slow upload holds an nginx
+connection, not a Netty one), so ``max_request_size`` is enforced here, with the error contract's
+JSON 413 instead of TorchServe's empty one; bodies over ``BODY_IN_MEMORY`` wait in the run folder.
 
 nginx is the system's (``nginx`` on PATH or /usr/sbin/nginx: the container installs Debian's
 nginx) or, on a machine without it, the binary of Debian's nginx fetched once into the
@@ -21,6 +23,10 @@ cache (graviton_serve.debian.fetch_from_deb: nothing installed, no service start
 
 from __future__ import annotations
 
+import grp
+import json
+import os
+import pwd
 import shutil
 import signal
 import socket
@@ -42,6 +48,7 @@ START_TIMEOUT_S = 10
 # ends a slow inference first, with its own error.
 UPSTREAM_TIMEOUT_S = 3600
 APIS = ("inference", "management", "metrics")
+BODY_IN_MEMORY = "1m"  # nginx's client_body_buffer_size: smaller bodies never touch the disk
 
 
 class FrontError(RuntimeError):
@@ -71,9 +78,13 @@ class Listener:
     upstream_port: int  # TorchServe's own listener, on 127.0.0.1
 
 
-def render_config(listeners: list[Listener], run_folder: RunFolder) -> str:
-    """nginx.conf for ``listeners``; every path it writes is under the run folder (a read-only root
-    filesystem in the container has nothing else writable)."""
+def render_config(listeners: list[Listener], run_folder: RunFolder, max_body_bytes: int) -> str:
+    """nginx.conf for ``listeners``, refusing bodies over ``max_body_bytes`` (TorchServe's
+    max_request_size); every path it writes is under the run folder (a read-only root filesystem
+    in the container has nothing else writable)."""
+    too_large = json.dumps({"code": 413, "type": "PayloadTooLarge", "message":
+                            f"the body is over the limit of {max_body_bytes} bytes of this server (max_request_size); send less"})
+    assert "'" not in too_large and "$" not in too_large  # written inside an nginx single-quoted string
     front = run_folder.front
     temp = "\n".join(f"    {kind}_temp_path {front / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     servers = "\n".join(f"""
@@ -86,8 +97,17 @@ def render_config(listeners: list[Listener], run_folder: RunFolder) -> str:
         location / {{
             proxy_pass http://torchserve_{l.api};
         }}
+        error_page 413 = @too_large;
+        location @too_large {{
+            default_type application/json;
+            return 413 '{too_large}';
+        }}
     }}""" for l in listeners)
+    # nginx started by root drops its workers to "nobody", who may not reach the run folder (a root
+    # 0700 temp folder): its workers run as the user who runs TorchServe, as the container's do.
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};" if os.geteuid() == 0 else ""
     return f"""# Written by graviton_serve.http_front for this run; see that module for why each line is here.
+{user}
 worker_processes 1;
 pid {front / "nginx.pid"};
 error_log {run_folder.log("nginx_error.log")} warn;
@@ -98,8 +118,8 @@ http {{
     access_log off;  # TorchServe's access log records every request
     server_tokens off;
 {temp}
-    client_max_body_size 0;  # TorchServe enforces max_request_size (its 413)
-    proxy_request_buffering off;
+    client_max_body_size {max_body_bytes};
+    client_body_buffer_size {BODY_IN_MEMORY};
     proxy_buffering off;  # streamed answers pass chunk by chunk
     proxy_http_version 1.1;
     proxy_set_header Connection "";  # keep-alive to TorchServe, whatever the client asked
@@ -115,9 +135,10 @@ http {{
 class HttpFront:
     """nginx for one TorchServe instance: started and stopped by its own PID."""
 
-    def __init__(self, listeners: list[Listener], run_folder: RunFolder):
+    def __init__(self, listeners: list[Listener], run_folder: RunFolder, max_body_bytes: int):
         self.listeners = listeners
         self.run_folder = run_folder
+        self.max_body_bytes = max_body_bytes
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -127,7 +148,7 @@ class HttpFront:
         front.mkdir(parents=True, exist_ok=True)
         self.run_folder.logs.mkdir(parents=True, exist_ok=True)
         conf = front / "nginx.conf"
-        conf.write_text(render_config(self.listeners, self.run_folder))
+        conf.write_text(render_config(self.listeners, self.run_folder, self.max_body_bytes))
         error_log = self.run_folder.log("nginx_error.log")
         command = [str(nginx_binary()), "-p", str(front), "-e", str(error_log), "-c", str(conf), "-g", "daemon off;"]
         with open(self.run_folder.console_log, "ab") as console:

@@ -48,6 +48,7 @@ class ServerError(RuntimeError):
 # How long a start waits for every model to be READY, in seconds (the container's GS_READY_TIMEOUT_S
 # default): the first start on a machine times auto's precision one worker at a time.
 READY_TIMEOUT_S = 600
+TORCHSERVE_MAX_REQUEST_SIZE = 6553500  # TorchServe 0.12's default max_request_size, in bytes
 
 
 def _size(path: Path) -> int:
@@ -153,7 +154,7 @@ class TorchServe:
         # TorchServe's REST listeners: loopback ports behind the front; everything else as configured
         write_properties(self.run_folder.config, {
             **self.properties, **{f"{l.api}_address": f"http://127.0.0.1:{l.upstream_port}" for l in listeners}})
-        self.front = HttpFront(listeners, self.run_folder)
+        self.front = HttpFront(listeners, self.run_folder, int(self.properties.get("max_request_size", TORCHSERVE_MAX_REQUEST_SIZE)))
         self.front.start()
         command = [
             str(Path(sys.executable).with_name("torchserve")), "--start",

@@ -125,10 +125,21 @@ def test_expect_100_continue_gets_its_100_then_the_answer(server):
     assert status == 200 and kind_of(answer) == "mnist"
 
 
-def test_a_body_over_max_request_size_still_gets_torchserve_s_413(server):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_max_request_size_is_a_json_413(server, chunked):
     limit = int(server.properties["max_request_size"])
-    reply = http.post(server.url("inference", "predictions/mnist"), data=b"\0" * (limit + 1),
+    body = b"\0" * (limit + 1)
+    reply = http.post(server.url("inference", "predictions/mnist"), data=iter([body]) if chunked else body,
                       headers={**server.auth(), "Content-Type": "image/png"}, timeout=60)
+    assert reply.status_code == 413 and reply.headers["Content-Type"] == "application/json"
+    assert reply.json() == {"code": 413, "type": "PayloadTooLarge", "message":
+                            f"the body is over the limit of {limit} bytes of this server (max_request_size); send less"}
+
+
+def test_torchserve_itself_answers_an_oversized_body_with_an_empty_413(server):
+    limit = int(server.properties["max_request_size"])
+    reply = http.post(f"http://127.0.0.1:{upstream_port(server, 'inference')}/predictions/mnist",
+                      data=b"\0" * (limit + 1), headers={**server.auth(), "Content-Type": "image/png"}, timeout=60)
     assert reply.status_code == 413 and reply.content == b""
 
 
