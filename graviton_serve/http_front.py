@@ -40,6 +40,7 @@ import psutil
 from graviton_serve import debian
 from graviton_serve.paths import CACHE_DIR
 from graviton_serve.run_folder import RunFolder
+from graviton_serve.stopping import stop_processes
 
 NGINX_PACKAGE = ("nginx", debian.SUITE)
 NGINX_BINARY = CACHE_DIR / "nginx" / "nginx"  # present only once a fetch has completed
@@ -176,13 +177,7 @@ class HttpFront:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful quit (SIGQUIT: connections finish their current answer), then kill."""
-        processes = self.processes()
-        if processes:
-            processes[0].send_signal(signal.SIGQUIT)
-            _, alive = psutil.wait_procs(processes, timeout=timeout)
-            for process in alive:
-                process.kill()
-            psutil.wait_procs(alive, timeout=5)
+        stop_processes(self.processes(), signal.SIGQUIT, timeout)
         if self.process is not None:
             self.process.wait(timeout=5)
         self.process = None

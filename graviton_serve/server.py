@@ -33,6 +33,7 @@ from graviton_serve.http_front import APIS, HttpFront, Listener
 from graviton_serve.java import find_java_home
 from graviton_serve.management import ManagementClient
 from graviton_serve.run_folder import MODEL_LOG, TS_LOG, RunFolder
+from graviton_serve.stopping import stop_processes
 from graviton_serve.torchserve_config import Ports, ServerConfig, free_loopback_ports, listen_address, write_properties
 from handlers.launch import launch_environment
 
@@ -240,13 +241,7 @@ class TorchServe:
         if self.front:
             self.front.stop()
             self.front = None
-        processes = self.processes()
-        if processes:
-            processes[0].send_signal(signal.SIGTERM)
-            _, alive = psutil.wait_procs(processes, timeout=timeout)
-            for process in alive:
-                process.kill()
-            psutil.wait_procs(alive, timeout=10)
+        stop_processes(self.processes(), signal.SIGTERM, timeout)
         self.run_folder.pid_file.unlink(missing_ok=True)
         self.run_folder.key_file.unlink(missing_ok=True)
 
