@@ -42,6 +42,7 @@ def serve_foreground(server: TorchServe, drain_timeout_s: int = DRAIN_TIMEOUT_S,
     if not stop.is_set():
         status = launcher.returncode
         say(f"TorchServe exited on its own with status {status}")
+        server.stop()  # its HTTP front
         return status if status else 1
     draining.touch()
     say(f"signal received: draining (up to {drain_timeout_s}s)")

@@ -134,53 +134,72 @@ http {{
 
 
 class HttpFront:
-    """nginx for one TorchServe instance: started and stopped by its own PID."""
+    """nginx for one run folder: started by ``start``; found again by any process through the pid
+    file nginx writes there (``scripts/serve --stop`` runs in a process of its own), and stopped
+    by that PID, never by name."""
 
-    def __init__(self, listeners: list[Listener], run_folder: RunFolder, max_body_bytes: int):
-        self.listeners = listeners
+    def __init__(self, run_folder: RunFolder):
         self.run_folder = run_folder
-        self.max_body_bytes = max_body_bytes
-        self.process: subprocess.Popen | None = None
+        self.listeners: list[Listener] = []  # as last started by this object
+        self.process: subprocess.Popen | None = None  # when started by this process (reaped on stop)
 
-    def start(self) -> None:
-        """Start nginx and wait until every listener accepts connections; FrontError (with
-        nginx's own words) when it exits or does not listen in time."""
-        front = self.run_folder.front
-        front.mkdir(parents=True, exist_ok=True)
+    @property
+    def conf(self) -> Path:
+        return self.run_folder.front / "nginx.conf"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_folder.front / "nginx.pid"
+
+    def start(self, listeners: list[Listener], max_body_bytes: int) -> None:
+        """Start nginx for ``listeners`` (a front this run folder still has is stopped first) and
+        wait until each accepts connections; FrontError, with nginx's own words, when it exits or
+        does not listen within START_TIMEOUT_S."""
+        self.stop()
+        self.listeners = listeners
+        self.run_folder.front.mkdir(parents=True, exist_ok=True)
         self.run_folder.logs.mkdir(parents=True, exist_ok=True)
-        conf = front / "nginx.conf"
-        conf.write_text(render_config(self.listeners, self.run_folder, self.max_body_bytes))
+        self.conf.write_text(render_config(listeners, self.run_folder, max_body_bytes))
         error_log = self.run_folder.log("nginx_error.log")
-        command = [str(nginx_binary()), "-p", str(front), "-e", str(error_log), "-c", str(conf), "-g", "daemon off;"]
+        command = [str(nginx_binary()), "-p", str(self.run_folder.front), "-e", str(error_log), "-c", str(self.conf),
+                   "-g", "daemon off;"]
         with open(self.run_folder.console_log, "ab") as console:
             self.process = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
-        waiting = list(self.listeners)
+        waiting = list(listeners)
         while waiting:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 said = error_log.read_text(errors="replace").strip().splitlines()[-3:] if error_log.exists() else []
                 raise FrontError("nginx (the HTTP front) did not start: " + (" | ".join(said) or "no word in its log"))
-            waiting = [l for l in waiting if not _accepts(l)]
+            waiting = [listener for listener in waiting if not _accepts(listener)]
             time.sleep(0.05)
 
     def processes(self) -> list[psutil.Process]:
-        """nginx's master and workers."""
-        if self.process is None or self.process.poll() is not None:
-            return []
+        """nginx's master and workers: the master is the PID in the pid file (or the process this
+        object started) when it runs our config file."""
+        pids = [self.process.pid] if self.process is not None and self.process.poll() is None else []
         try:
-            master = psutil.Process(self.process.pid)
-            return [master, *master.children(recursive=True)]
-        except psutil.Error:
-            return []
+            pids.append(int(self.pid_file.read_text().strip()))
+        except (OSError, ValueError):
+            pass
+        for pid in dict.fromkeys(pids):
+            try:
+                master = psutil.Process(pid)
+                if str(self.conf) in master.cmdline() and master.status() != psutil.STATUS_ZOMBIE:
+                    return [master, *master.children(recursive=True)]
+            except psutil.Error:
+                continue
+        return []
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful quit (SIGQUIT: connections finish their current answer), then kill."""
         stop_processes(self.processes(), signal.SIGQUIT, timeout)
         if self.process is not None:
             self.process.wait(timeout=5)
-        self.process = None
+            self.process = None
+        self.pid_file.unlink(missing_ok=True)
 
 
 def _accepts(listener: Listener) -> bool:

@@ -79,7 +79,7 @@ class TorchServe:
         self.host = config.host
         self.token_auth = config.token_auth
         self.run_folder = RunFolder(self.run_dir)  # every path under run_dir
-        self.front: HttpFront | None = None  # while started
+        self.front = HttpFront(self.run_folder)  # nginx before the REST listeners (graviton_serve.http_front)
         self.log_starts: dict[str, int] = {}  # where this start's lines begin in TorchServe's logs
 
     # -- addresses and credentials ------------------------------------------------------------
@@ -155,8 +155,7 @@ class TorchServe:
         # TorchServe's REST listeners: loopback ports behind the front; everything else as configured
         write_properties(self.run_folder.config, {
             **self.properties, **{f"{l.api}_address": f"http://127.0.0.1:{l.upstream_port}" for l in listeners}})
-        self.front = HttpFront(listeners, self.run_folder, int(self.properties.get("max_request_size", TORCHSERVE_MAX_REQUEST_SIZE)))
-        self.front.start()
+        self.front.start(listeners, int(self.properties.get("max_request_size", TORCHSERVE_MAX_REQUEST_SIZE)))
         command = [
             str(Path(sys.executable).with_name("torchserve")), "--start",
             "--ts-config", str(self.run_folder.config),
@@ -229,7 +228,7 @@ class TorchServe:
 
     def processes(self) -> list[psutil.Process]:
         """The frontend and all its descendants (the Python workers), then the HTTP front's."""
-        front = self.front.processes() if self.front else []
+        front = self.front.processes()
         if not self.is_running():
             return front
         frontend = psutil.Process(self.pid)
@@ -238,9 +237,7 @@ class TorchServe:
     def stop(self, timeout: float = 60.0) -> None:
         """Stop this instance and wait until its processes have exited: the HTTP front first (no
         new request gets in; answers under way are finished), then TorchServe."""
-        if self.front:
-            self.front.stop()
-            self.front = None
+        self.front.stop()
         stop_processes(self.processes(), signal.SIGTERM, timeout)
         self.run_folder.pid_file.unlink(missing_ok=True)
         self.run_folder.key_file.unlink(missing_ok=True)

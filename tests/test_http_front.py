@@ -11,12 +11,17 @@ Requests are written by hand on a socket (tests/raw_http.py).
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 
+import psutil
 import pytest
 import requests as http
 
+from graviton_serve.paths import ROOT
 from tests.conftest import ServerUnderTest, slow_archive
 from tests.raw_http import NOT_CLOSED_WAIT_S, answer_and_whether_closed, pipelined, read_answer
 from tests.realworld_inputs import good_png
@@ -152,3 +157,17 @@ def test_torchserve_s_own_listeners_are_loopback_only(server):
 
 def upstream_port(server, api: str) -> int:
     return next(listener.upstream_port for listener in server.front.listeners if listener.api == api)
+
+
+def test_a_stop_from_another_process_stops_the_front_too(server):
+    # Last in this module: it stops the module's server. scripts/serve --stop is such a process: a
+    # new TorchServe object for the same run folder, which finds nginx through its pid file.
+    front = server.front.processes()
+    assert front and all(process.name() == "nginx" for process in front)
+    stop = ("from graviton_serve.server import TorchServe; from graviton_serve.paths import CONFIG_FILE; "
+            f"TorchServe({str(server.run_dir)!r}, {str(server.model_store)!r}, CONFIG_FILE).stop()")
+    subprocess.run([sys.executable, "-c", stop], check=True, cwd=ROOT, timeout=120,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert not [process.pid for process in front if process.is_running() and process.status() != psutil.STATUS_ZOMBIE]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.ports.inference), timeout=2).close()
