@@ -13,8 +13,7 @@ one key per input part, each value already decoded by the part's content type:
 The raw body is the part "body" (REST) or "data" (gRPC's input map, KServe); a multipart upload
 gives one key per part name; a form (application/x-www-form-urlencoded) is split into its
 fields, so the raw body is gone. URL query parameters are not passed on at all: per-request
-options travel in a JSON body or as form fields. TorchServe passes a compressed body on as it
-came (``Content-Encoding`` is not decoded by its frontend): gzip is decoded here, per request.
+options travel in a JSON body or as form fields. A gzip body is decoded per request (``content``).
 """
 
 from __future__ import annotations
@@ -24,11 +23,11 @@ import binascii
 import functools
 import json
 import unicodedata
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
-from handlers.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
+from handlers.content_encoding import decode_content
+from handlers.errors import BadInput, PayloadTooLarge
 
 BODY_KEYS = ("body", "data")
 # Multipart part names that carry the content when neither "body" nor "data" is sent.
@@ -39,11 +38,6 @@ SENT_AS_FORM = (
     "into form fields and the raw body never reached the model; send it with curl --data-binary @FILE "
     "-H 'Content-Type: text/plain' (or application/octet-stream for binary files), or curl -T FILE"
 )
-
-# A gzip body may decode to at most what a plain body may be: TorchServe's max_request_size in
-# config.properties (16 MiB), so a small gzip of gigabytes of zeros costs at most this much.
-MAX_DECODED_BODY_BYTES = 16 * 1024 * 1024
-GZIP_NAMES = ("gzip", "x-gzip")
 
 T = TypeVar("T")
 
@@ -78,23 +72,8 @@ class Payload:
 
     @functools.cached_property
     def content(self) -> Any:
-        """The body with its Content-Encoding undone: gzip (any number of times, as listed) is
-        decoded up to ``MAX_DECODED_BODY_BYTES`` (413 beyond); any other encoding is a 415."""
-        codings = [c.strip() for c in self.content_encoding.split(",") if c.strip() not in ("", "identity")]
-        unknown = [c for c in codings if c not in GZIP_NAMES]
-        if unknown:
-            raise UnsupportedMediaType(
-                f"the body is sent with Content-Encoding '{unknown[0][:40]}', which this server does not decode; "
-                "send it uncompressed or gzip-compressed (Content-Encoding: gzip)")
-        if not codings or self.body is None:
-            return self.body
-        if not isinstance(self.body, (bytes, bytearray)):
-            raise BadInput("the body is marked Content-Encoding: gzip but is not gzip data; send the gzip bytes "
-                           "as they are, or drop the header")
-        data = bytes(self.body)
-        for _ in codings:  # applied in the order listed, so undone in reverse; each is gzip
-            data = _gunzip(data)
-        return data
+        """The body with its Content-Encoding undone (``handlers.content_encoding``)."""
+        return decode_content(self.body, self.content_encoding)
 
     def json_body(self) -> Any:
         """The body as a JSON value, parsed by TorchServe or here (bytes sent as JSON); None when
@@ -204,24 +183,6 @@ class Payload:
 def _http_header(headers: dict, name: str) -> str:
     """An HTTP header's value ("" when absent); per-part entries (dicts) are not HTTP headers."""
     return next((v for k, v in headers.items() if k.lower() == name and isinstance(v, str)), "")
-
-
-def _gunzip(data: bytes) -> bytes:
-    """One gzip layer (all its members) decoded, reading no more than ``MAX_DECODED_BODY_BYTES`` out."""
-    decoded = bytearray()
-    while data:
-        decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        try:
-            decoded += decompressor.decompress(data, MAX_DECODED_BODY_BYTES + 1 - len(decoded))
-        except zlib.error:
-            raise BadInput("the body is marked Content-Encoding: gzip but is not valid gzip data") from None
-        if len(decoded) > MAX_DECODED_BODY_BYTES:
-            raise PayloadTooLarge(f"the gzip body decodes to more than {MAX_DECODED_BODY_BYTES} bytes, the limit "
-                                  "for a body (max_request_size); send less")
-        if not decompressor.eof:
-            raise BadInput("the gzip body is truncated; send the complete gzip data")
-        data = decompressor.unused_data  # a next gzip member, concatenated (as gzip -c a b writes)
-    return bytes(decoded)
 
 
 _B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_\r\n ")

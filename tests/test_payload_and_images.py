@@ -13,7 +13,8 @@ from PIL import Image
 from handlers.errors import BadInput, PayloadTooLarge
 from graviton_serve.paths import ROOT
 from handlers.images import MAX_JPEG_SCANS, check_jpeg_scans, check_resize, open_image, to_gray, to_rgb
-from handlers.payload import MAX_DECODED_BODY_BYTES, Payload
+from handlers.content_encoding import MAX_DECODED_BODY_BYTES
+from handlers.payload import Payload
 from handlers.settings import positive_int
 from tests.images import bomb_png, png, truncated_png
 
