@@ -34,7 +34,7 @@ from graviton_serve.java import find_java_home
 from graviton_serve.management import ManagementClient
 from graviton_serve.run_folder import MODEL_LOG, TS_LOG, RunFolder
 from graviton_serve.stopping import stop_processes
-from graviton_serve.torchserve_config import Ports, ServerConfig, free_loopback_ports, listen_address, write_properties
+from graviton_serve.torchserve_config import Ports, ServerConfig, free_loopback_ports, write_properties
 from handlers.launch import launch_environment
 
 
@@ -78,6 +78,7 @@ class TorchServe:
         self.ports = config.ports
         self.host = config.host
         self.token_auth = config.token_auth
+        self.rest_addresses = config.rest_addresses
         self.run_folder = RunFolder(self.run_dir)  # every path under run_dir
         self.front = HttpFront(self.run_folder)  # nginx before the REST listeners (graviton_serve.http_front)
         self.log_starts: dict[str, int] = {}  # where this start's lines begin in TorchServe's logs
@@ -179,9 +180,8 @@ class TorchServe:
 
     def front_listeners(self) -> list[Listener]:
         """Each REST API's configured address (the front's) and a free loopback port for TorchServe."""
-        public = [listen_address(self.properties, f"{api}_address") for api in APIS]
-        upstream = free_loopback_ports(len(APIS), exclude={port for _, port in public})
-        return [Listener(api, host, port, inner) for api, (host, port), inner in zip(APIS, public, upstream)]
+        upstream = free_loopback_ports(len(APIS), exclude={port for _, port in self.rest_addresses.values()})
+        return [Listener(api, *self.rest_addresses[api], inner) for api, inner in zip(APIS, upstream)]
 
     def expected_models(self) -> list[str]:
         return sorted(path.stem for path in self.model_store.glob("*.mar"))

@@ -113,6 +113,7 @@ class ServerConfig:
     properties: dict[str, str]
     ports: Ports
     host: str
+    rest_addresses: dict[str, tuple[str, int]]  # "inference"/"management"/"metrics" -> (host, port) as configured
 
     @classmethod
     def render(cls, config_file: Path, model_store: Path, ports: Ports | None = None, host: str | None = None,
@@ -136,17 +137,16 @@ class ServerConfig:
             properties["grpc_management_address"] = host or "127.0.0.1"
             properties["grpc_inference_port"] = str(ports.grpc_inference)
             properties["grpc_management_port"] = str(ports.grpc_management)
+        rest = {api: listen_address(properties, f"{api}_address") for api in ("inference", "management", "metrics")}
         listening = Ports(
-            listen_address(properties, "inference_address")[1],
-            listen_address(properties, "management_address")[1],
-            listen_address(properties, "metrics_address")[1],
+            rest["inference"][1], rest["management"][1], rest["metrics"][1],
             int(properties.get("grpc_inference_port", "7070")),
             int(properties.get("grpc_management_port", "7071")),
         )
-        client_host = re.sub(r"^https?://|:\d+/?$", "", properties["inference_address"])
+        client_host = rest["inference"][0]
         if client_host in ("0.0.0.0", "[::]"):
             client_host = "127.0.0.1"
-        return cls(properties, listening, client_host)
+        return cls(properties, listening, client_host, rest)
 
     @property
     def token_auth(self) -> bool:
