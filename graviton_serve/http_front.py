@@ -79,13 +79,40 @@ class Listener:
     upstream_port: int  # TorchServe's own listener, on 127.0.0.1
 
 
+def _front_errors(max_body_bytes: int) -> dict[int, tuple[int, str]]:
+    """What nginx answers itself (the request never reached TorchServe), in the error contract's
+    JSON instead of nginx's HTML: nginx's code -> (status sent, body). 494 is nginx's own code for
+    headers over its buffers, sent as 431."""
+    said = {
+        400: (400, "BadRequest", "the request is not valid HTTP/1.1 (its request line, headers or body framing); "
+                                 "nothing of it reached the model"),
+        408: (408, "RequestTimeout", "the headers or body of the request did not arrive in time"),
+        413: (413, "PayloadTooLarge", f"the body is over the limit of {max_body_bytes} bytes of this server "
+                                      "(max_request_size); send less"),
+        414: (414, "URITooLong", "the request line is too long; send options in the body"),
+        494: (431, "RequestHeaderFieldsTooLarge", "a request header, or all of them, is too large"),
+        502: (502, "BadGateway", "TorchServe, behind the HTTP front of this server, did not answer; see its logs"),
+        504: (504, "GatewayTimeout", "TorchServe, behind the HTTP front of this server, did not answer in time"),
+    }
+    bodies = {}
+    for code, (status, kind, message) in said.items():
+        body = json.dumps({"code": status, "type": kind, "message": message})
+        assert "'" not in body and "$" not in body  # written inside an nginx single-quoted string
+        bodies[code] = (status, body)
+    return bodies
+
+
 def render_config(listeners: list[Listener], run_folder: RunFolder, max_body_bytes: int) -> str:
     """nginx.conf for ``listeners``, refusing bodies over ``max_body_bytes`` (TorchServe's
     max_request_size); every path it writes is under the run folder (a read-only root filesystem
     in the container has nothing else writable)."""
-    too_large = json.dumps({"code": 413, "type": "PayloadTooLarge", "message":
-                            f"the body is over the limit of {max_body_bytes} bytes of this server (max_request_size); send less"})
-    assert "'" not in too_large and "$" not in too_large  # written inside an nginx single-quoted string
+    # A URI, not a named location: a request whose line nginx could not read has no URI to keep.
+    errors = "\n".join(f"""        error_page {code} = /graviton-serve-front-error/{code};
+        location = /graviton-serve-front-error/{code} {{
+            internal;
+            default_type application/json;
+            return {status} '{body}';
+        }}""" for code, (status, body) in _front_errors(max_body_bytes).items())
     front = run_folder.front
     temp = "\n".join(f"    {kind}_temp_path {front / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     servers = "\n".join(f"""
@@ -98,11 +125,7 @@ def render_config(listeners: list[Listener], run_folder: RunFolder, max_body_byt
         location / {{
             proxy_pass http://torchserve_{l.api};
         }}
-        error_page 413 = @too_large;
-        location @too_large {{
-            default_type application/json;
-            return 413 '{too_large}';
-        }}
+{errors}
     }}""" for l in listeners)
     # nginx started by root drops its workers to "nobody", who may not reach the run folder (a root
     # 0700 temp folder): its workers run as the user who runs TorchServe, as the container's do.

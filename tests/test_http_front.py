@@ -141,6 +141,43 @@ def test_a_body_over_max_request_size_is_a_json_413(server, chunked):
                             f"the body is over the limit of {limit} bytes of this server (max_request_size); send less"}
 
 
+BAD_HTTP = {  # requests nginx refuses itself; before, each got nginx's HTML page
+    "length and chunked": (b"POST /predictions/mnist HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "BadRequest"),
+    "two lengths": (b"POST /predictions/mnist HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                    b"Content-Length: 5\r\n\r\nabcde", 400, "BadRequest"),
+    "header too large": (b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+                         431, "RequestHeaderFieldsTooLarge"),
+    "request line too long": (b"GET /ping?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "URITooLong"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_HTTP))
+def test_what_the_front_refuses_itself_is_answered_in_the_error_contract_s_json(server, name):
+    data, status, kind = BAD_HTTP[name]
+    with socket.create_connection(("127.0.0.1", server.ports.inference), timeout=60) as connection:
+        connection.sendall(data)
+        got, headers, body = read_answer(connection.makefile("rb"))
+    assert got == status and headers["content-type"] == "application/json", (got, headers, body[:200])
+    answer = json.loads(body)
+    assert answer["code"] == status and answer["type"] == kind and answer["message"]
+
+
+def test_when_torchserve_does_not_answer_the_front_says_so_in_json(tmp_path):
+    from graviton_serve.http_front import HttpFront, Listener
+    from graviton_serve.run_folder import RunFolder
+    from graviton_serve.torchserve_config import free_loopback_ports
+
+    port, nobody = free_loopback_ports(2)
+    front = HttpFront(RunFolder(tmp_path))
+    front.start([Listener("inference", "127.0.0.1", port, nobody)], 1024)
+    try:
+        reply = http.get(f"http://127.0.0.1:{port}/ping", timeout=30)
+    finally:
+        front.stop()
+    assert reply.status_code == 502 and reply.json()["type"] == "BadGateway"
+
+
 def test_torchserve_itself_answers_an_oversized_body_with_an_empty_413(server):
     limit = int(server.properties["max_request_size"])
     reply = http.post(f"http://127.0.0.1:{upstream_port(server, 'inference')}/predictions/mnist",

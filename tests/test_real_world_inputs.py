@@ -42,6 +42,7 @@ into the kernel's OOM killer. A correct handler stays far below it.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -55,6 +56,7 @@ import grpc as grpc_module
 import psutil
 import pytest
 import requests
+from PIL import Image
 
 from graviton_serve.demo_store import build_demo_store
 from graviton_serve.grpc_client import GrpcClient
@@ -617,6 +619,26 @@ def test_an_icon_whose_directory_lies_is_refused_before_decoding(served, grpc):
     assert growth < REFUSAL_MEMORY_BYTES, f"the worker's peak memory rose by {growth / 2**20:.0f} MiB"
     check_error_body(json.loads(grpc.predict("resnet50", {"data": data})), 400)
     assert_same_workers(served, "resnet50")
+
+
+# The README's bound for one image request: max_image_pixels x 4 bytes plus the same again for a resize.
+SERVED_IMAGE_MEMORY_BYTES = 2 * 4 * 4096 * 4096
+
+
+def gray_png_of(jpeg: bytes) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).convert("L").save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("model, kind", [("mnist", "jpeg"), ("mnist", "png"), ("resnet50", "jpeg")])
+def test_a_photo_at_the_pixel_limit_costs_memory_within_the_documented_bound(served, model, kind):
+    # before: mnist's worker peaked ~650 MiB higher on the JPEG (its float32 steps ran on the whole image)
+    data = progressive_jpeg(side=4000)
+    data, content_type = (data, "image/jpeg") if kind == "jpeg" else (gray_png_of(data), "image/png")
+    reply, growth = peak_memory_growth(served.pids[model][0], lambda: post(served, model, data, content_type))
+    assert_ok(reply, check_top5)
+    assert growth < SERVED_IMAGE_MEMORY_BYTES, f"the worker's peak memory rose by {growth / 2**20:.0f} MiB"
 
 
 # --- case 7: the workers survived everything ----------------------------------------------------
