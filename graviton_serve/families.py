@@ -161,6 +161,12 @@ FAMILIES: dict[str, Family] = {
                Sample("image/jpeg", file=lambda: photo("flower")),
                demos=(_untrained_vision_demo("resnet50", "IMAGENET1K_V2"),
                       _untrained_vision_demo("densenet161", "IMAGENET1K_V1"))),
+        Family("timm_vision", "image-classification", ("efficientnet",),
+               Sample("image/jpeg", file=lambda: photo("flower")),
+               demos=(Demo("efficientnet_lite0", "graviton_serve.demos.vision:make_efficientnet_lite0",
+                           "efficientnet_lite0.pt",
+                           (*DEMO_SOURCES, "graviton_serve/demos/vision.py", "handlers/timm_vision.py"),
+                           {"architecture": "tf_efficientnet_lite0"}),)),
         # Text demos' budgets were measured on 2 AVX2 cores (about 110 tweets/s through the
         # 6-layer encoder): the four build in 5-8 minutes.
         Family("text_classification", "text-classification", ("sentiment",),

@@ -11,6 +11,8 @@ PHOTOS = {
     "chelsea": ("skimage", "data/chelsea.png"),
     "coffee": ("skimage", "data/coffee.png"),
     "astronaut": ("skimage", "data/astronaut.png"),
+    "motorcycle": ("skimage", "data/motorcycle_left.png"),
+    "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
 }
 
 

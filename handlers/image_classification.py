@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 from abc import abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from handlers.payload import Payload
 from handlers.settings import Setting, positive_int
 
 MAX_TOP_K = 1000
+CHECK_PHOTOS = "check_photos"  # an archive's folder of real photos for the precision guard (optional)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class ImageClassifier(ModelHandler):
     def load(self, model_dir, serialized_file, settings, device):
         self.default_top_k = settings["top_k"]
         self.max_pixels = settings["max_image_pixels"]
+        self.check_photos = [path.read_bytes() for path in sorted((Path(model_dir) / CHECK_PHOTOS).glob("*.jpg"))]
         return self.load_network(model_dir, serialized_file, settings)
 
     @abstractmethod
@@ -64,14 +67,17 @@ class ImageClassifier(ModelHandler):
             return ImageItem(self.image_to_tensor(open_image(data, self.max_pixels, self.decode_short_side)), top_k)
 
     def check_inputs(self) -> list[Payload]:
-        """Deterministic images for the precision guard and compile warm-up: smooth gradients and seeded noise, 3 sizes."""
+        """Deterministic images for the precision guard and compile warm-up: smooth gradients and
+        seeded noise, 3 sizes; then the archive's real photos (``check_photos/*.jpg``), if it has
+        some: a trained model's guard then compares answers that mean something."""
         rng = np.random.default_rng(0)
         images = []
         for side in (32, 96, 256):
             ramp = np.linspace(0, 255, side, dtype=np.float32)
             images.append(np.stack([np.add.outer(ramp, ramp) / 2, np.outer(ramp, np.ones(side)), 255 - ramp[None].repeat(side, 0)], -1))
             images.append(rng.integers(0, 256, (side, side, 3)))
-        return [Payload(body=_png(pixels.astype(np.uint8))) for pixels in images]
+        return [Payload(body=_png(pixels.astype(np.uint8))) for pixels in images] + \
+            [Payload(body=photo) for photo in self.check_photos]
 
     def postprocess(self, logits: torch.Tensor, batch: torch.Tensor) -> list:
         # One softmax for the whole batch, in fp32 whatever precision the forward ran in.

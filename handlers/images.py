@@ -148,20 +148,54 @@ def _widen_to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(pixels / top * 255.0, 0, 255).astype(np.uint8), mode="L")
 
 
-def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Any mode to RGB; transparent pixels are laid over ``background``."""
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] | None = WHITE) -> Image.Image:
+    """Any mode to RGB; transparent pixels are laid over ``background`` (None: black or white,
+    whichever contrasts with the opaque pixels). Transparency is an alpha channel, a palette's
+    alpha or a PNG tRNS key colour on a grayscale or RGB image (any bit depth)."""
+    alpha = _key_colour_alpha(image)
     image = _widen_to_8bit(image)
-    if image.mode == "P" and "transparency" in image.info:
+    if alpha is not None:
+        image = image.convert("RGB")
+        image.putalpha(alpha)
+    elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, background + (255,))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
+    if image.mode not in _ALPHA_MODES:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    if background is None:
+        background = _contrasting(rgba)
+    canvas = Image.new("RGBA", rgba.size, background + (255,))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
 
 
-def to_gray(image: Image.Image) -> Image.Image:
-    """Any mode to 8-bit grayscale (L); transparency over white."""
-    if image.mode == "L":
+def _key_colour_alpha(image: Image.Image) -> Image.Image | None:
+    """A tRNS key colour (one gray level or RGB triple that means transparent) as an alpha mask."""
+    key = image.info.get("transparency")
+    if key is None or image.mode in ("P", "1", *_ALPHA_MODES) or isinstance(key, bytes):
+        return None
+    pixels = np.asarray(image)
+    transparent = pixels == np.asarray(key, dtype=pixels.dtype)
+    if transparent.ndim == 3:
+        transparent = transparent.all(axis=-1)
+    return Image.fromarray(np.where(transparent, 0, 255).astype(np.uint8), mode="L")
+
+
+def _contrasting(rgba: Image.Image) -> tuple[int, int, int]:
+    """Black behind light opaque pixels (a white stroke on a transparent canvas), white otherwise."""
+    pixels = np.asarray(rgba, dtype=np.float32)
+    opaque = pixels[..., 3] > 127
+    if not opaque.any():
+        return WHITE
+    luminance = pixels[..., :3][opaque] @ np.array([0.299, 0.587, 0.114], np.float32)
+    return BLACK if luminance.mean() > 127 else WHITE
+
+
+def to_gray(image: Image.Image, background: tuple[int, int, int] | None = WHITE) -> Image.Image:
+    """Any mode to 8-bit grayscale (L); transparency over ``background`` as in ``to_rgb``."""
+    if image.mode == "L" and "transparency" not in image.info:
         return image
-    return to_rgb(image).convert("L")
+    return to_rgb(image, background).convert("L")

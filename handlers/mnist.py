@@ -98,7 +98,9 @@ class MnistHandler(ImageClassifier):
 
     def image_to_tensor(self, image: Image.Image) -> torch.Tensor:
         # No resize bound needed: the digit's bounding box is scaled down to fit 20x20.
-        return normalize(to_mnist_format(np.asarray(to_gray(image))))
+        # A transparent canvas reads as MNIST's background whatever the stroke's colour: laid over
+        # the colour that contrasts with the stroke, then (dark on light) inverted by to_mnist_format.
+        return normalize(to_mnist_format(np.asarray(to_gray(image, background=None))))
 
 
 handle = TorchServeHandler(MnistHandler)

@@ -27,6 +27,7 @@ def variants(digit: np.ndarray) -> dict[str, bytes]:
     big = gray.resize((280, 280), Image.BILINEAR)
     inverted_big_rgb = Image.fromarray(255 - np.asarray(big)).convert("RGB")
     rgba = Image.merge("RGBA", [Image.new("L", gray.size, 0)] * 3 + [gray])  # black ink on transparency
+    white_stroke = Image.merge("RGBA", [Image.new("L", gray.size, 255)] * 3 + [gray])  # a canvas app's export
     sixteen = Image.fromarray(digit.astype(np.uint16) * 257)
     rotated = gray.rotate(90, expand=True)  # stored turned; EXIF orientation 6 turns it back
     exif = Image.Exif()
@@ -39,6 +40,13 @@ def variants(digit: np.ndarray) -> dict[str, bytes]:
         "gif_P": encode(gray.convert("P"), "GIF"),
         "png_LA": encode(Image.merge("LA", [gray, Image.new("L", gray.size, 255)]), "PNG"),
         "png_RGBA_black_ink_on_transparent": encode(rgba, "PNG"),
+        "png_RGBA_white_ink_on_transparent": encode(white_stroke, "PNG"),
+        # a tRNS key colour: the background level/colour itself is marked transparent
+        "png_L_tRNS_black_key": encode(gray, "PNG", transparency=0),
+        "png_RGB_tRNS_black_key": encode(gray.convert("RGB"), "PNG", transparency=(0, 0, 0)),
+        "png_RGB_tRNS_white_key_dark_ink": encode(inverted_big_rgb, "PNG", transparency=(255, 255, 255)),
+        "png_I16_tRNS_black_key": encode(sixteen, "PNG", transparency=0),
+        "png_P_tRNS": encode(gray.convert("P"), "PNG", transparency=0),
         "tiff_CMYK": encode(big.convert("RGB").convert("CMYK"), "TIFF"),
         "png_I16": encode(sixteen, "PNG"),
         "jpeg_exif_rotated": encode(rotated.convert("RGB"), "JPEG", quality=95, exif=exif),

@@ -37,7 +37,7 @@ HOME = "/home/model-server"
 INSIDE_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070,
                 "grpc_management": 7071}
 NAME_PREFIX = f"gs-test-{os.getpid()}-"  # two suites on one machine never touch each other's
-# The host-side reference: one archive per family (the container serves all seven).
+# The host-side reference: one archive per family (the container serves every demo model).
 COMPARED = ["mnist", "bert_sentiment", "bert_fill_mask", "resnet50"]
 
 
@@ -211,7 +211,7 @@ def test_runs_as_uid_1000_on_a_read_only_root_with_no_capabilities(served, engin
 def test_every_demo_model_answers_as_the_host_side_server_does(served, host_server):
     names = sorted(path.stem for path in MODEL_STORE.glob("*.mar"))
     assert names == sorted(["mnist", "bert_sentiment", "roberta_sentiment", "bert_fill_mask", "roberta_fill_mask",
-                            "resnet50", "densenet161"])
+                            "resnet50", "densenet161", "efficientnet_lite0"])
     for model in names:
         body, content_type = sample(model)
         reply = served.post(model, body, content_type)

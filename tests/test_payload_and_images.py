@@ -16,7 +16,7 @@ from handlers.images import MAX_JPEG_SCANS, check_jpeg_scans, check_resize, open
 from handlers.content_encoding import MAX_DECODED_BODY_BYTES
 from handlers.payload import Payload
 from handlers.settings import positive_int
-from tests.images import bomb_png, png, truncated_png
+from tests.images import bomb_png, encode, png, truncated_png
 
 DIGIT = (np.arange(28 * 28).reshape(28, 28) % 256).astype(np.uint8)
 PNG = png(DIGIT)
@@ -87,6 +87,29 @@ def test_modes_convert_without_clipping_or_losing_ink():
     assert to_rgb(Image.new("CMYK", (2, 2))).mode == "RGB"
     unit_float = Image.fromarray(np.full((4, 4), 0.5, np.float32))  # a float TIFF in 0..1
     assert np.asarray(to_gray(unit_float)).min() == 127
+
+
+@pytest.mark.parametrize("mode, key, colour", [("RGB", (10, 20, 30), (10, 20, 30)), ("L", 7, 7),
+                                               ("I;16", 7 * 257, 7 * 257)])
+def test_a_trns_key_colour_is_transparency(mode, key, colour):
+    image = Image.new(mode, (4, 4), colour)
+    image.putpixel((1, 1), (200, 200, 200) if mode == "RGB" else 200 * (257 if mode == "I;16" else 1))
+    decoded = Image.open(io.BytesIO(encode(image, "PNG", transparency=key)))
+    assert "transparency" in decoded.info
+    rgb = np.asarray(to_rgb(decoded))
+    assert (rgb[0, 0] == 255).all() and (rgb[1, 1] == 200).all()  # the key colour is the background now
+    assert (np.asarray(to_rgb(decoded, background=(0, 0, 0)))[0, 0] == 0).all()
+
+
+def test_transparency_can_read_as_the_background_that_contrasts_with_the_stroke():
+    white_stroke = Image.new("RGBA", (4, 4), (255, 255, 255, 0))
+    white_stroke.putpixel((1, 1), (255, 255, 255, 255))
+    gray = np.asarray(to_gray(white_stroke, background=None))
+    assert gray[1, 1] == 255 and gray[0, 0] == 0
+    dark_stroke = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    dark_stroke.putpixel((1, 1), (0, 0, 0, 255))
+    gray = np.asarray(to_gray(dark_stroke, background=None))
+    assert gray[1, 1] == 0 and gray[0, 0] == 255
 
 
 def test_what_torchserve_parsed_is_never_parsed_again():
