@@ -25,7 +25,7 @@ STOCK_DIR = BENCH_DIR / "stock"
 STOCK_TEXT_HANDLER = Path(__file__).parent / "stock_reference" / "text_classifier.py"
 BERT_BASE = "bert_base_seq128"  # a BERT-base-size classifier, random weights, inputs of 128 tokens
 SEQ_LENGTH = 128
-WORKLOADS = ("bert_sentiment", BERT_BASE, "resnet50", "densenet161", "mnist")
+WORKLOADS = ("bert_sentiment", BERT_BASE, "resnet50", "densenet161", "efficientnet_lite0", "mnist")
 UNTRAINED_BERT_BASE_NOTE = "UNTRAINED: random BERT-base weights, for measuring speed only."
 
 
@@ -42,14 +42,23 @@ def _stock_archive(name: str, ours: Path, what: str, pack: Callable[[Path, dict,
         return pack(ours_dir, unpack_archive(ours, ours_dir), scratch)
 
 
+def _categories(name: str, handler_settings: dict) -> list[str]:
+    """A vision archive's category names, as its handler reads them (torchvision's weights entry, or timm's table)."""
+    if "weights" in handler_settings:
+        from handlers.vision import weights_entry
+
+        return list(weights_entry(name, handler_settings["weights"]).meta["categories"])
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo("imagenet-1k").label_descriptions())
+
+
 def stock_vision_archive(name: str, ours: Path) -> Path:
     """TorchServe's own ``image_classifier`` handler over our archive's state dict."""
     from graviton_serve.bench.stock_reference.vision_models import MODEL_FILES
-    from handlers.vision import weights_entry
 
     def pack(ours_dir: Path, manifest: dict, scratch: Path) -> Path:
-        handler_settings = yaml.safe_load((ours_dir / "model-config.yaml").read_text())["handler"]
-        categories = weights_entry(name, handler_settings["weights"]).meta["categories"]
+        categories = _categories(name, yaml.safe_load((ours_dir / "model-config.yaml").read_text())["handler"])
         index_to_name = scratch / "index_to_name.json"
         index_to_name.write_text(json.dumps({str(i): c for i, c in enumerate(categories)}))
         model_file = scratch / "model.py"
@@ -152,7 +161,7 @@ def workloads(names: list[str]) -> list[Workload]:
             chosen.append(Workload(name, ours, seq128_bodies(), stock_text_archive(name, ours)))
         elif name == "bert_sentiment":
             chosen.append(Workload(name, archives[name], tweet_bodies(), stock_text_archive(name, archives[name])))
-        elif name in ("resnet50", "densenet161"):
+        elif name in ("resnet50", "densenet161", "efficientnet_lite0"):
             chosen.append(Workload(name, archives[name], image_bodies(name), stock_vision_archive(name, archives[name])))
         else:
             chosen.append(Workload(name, archives[name], image_bodies(name)))

@@ -17,4 +17,16 @@ class DenseNet161(DenseNet):
         super().__init__(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96)
 '''
 
-MODEL_FILES = {"resnet50": RESNET50, "densenet161": DENSENET161}
+# timm builds EfficientNet from a block definition, not constructor defaults: the class returns
+# timm's model (the same keys as our archive's state dict). The stock handler's preprocessing is
+# its own fixed ImageNet one (mean/std differ from this model's): a speed reference only.
+EFFICIENTNET_LITE0 = '''import timm
+from timm.models.efficientnet import EfficientNet
+
+
+class EfficientNetLite0(EfficientNet):
+    def __new__(cls):
+        return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+'''
+
+MODEL_FILES = {"resnet50": RESNET50, "densenet161": DENSENET161, "efficientnet_lite0": EFFICIENTNET_LITE0}
