@@ -7,7 +7,6 @@ rounds with their min–max; a cell with errors takes no part in a ratio (its ro
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 from dataclasses import asdict
 from pathlib import Path
@@ -29,13 +28,15 @@ def load_run_row(cell: LoadRun) -> str:
 
 
 def machine_line() -> str:
+    """The CPU with the features that change kernels (the same CPU model name has come with and
+    without AVX-512/bf16 here), cores, memory, torch and TorchServe."""
     import torch
     import ts
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or platform.machine())
-    return (f"{model}, {len(psutil.Process().cpu_affinity())} CPUs, {psutil.virtual_memory().total >> 30} GiB, "
-            f"{platform.machine()}; torch {torch.__version__}, TorchServe {ts.__version__}")
+    from handlers.cpu_features import CpuFeatures
+
+    return (f"{CpuFeatures.detect().identity}, {len(psutil.Process().cpu_affinity())} CPUs, "
+            f"{psutil.virtual_memory().total >> 30} GiB; torch {torch.__version__}, TorchServe {ts.__version__}")
 
 
 def _rest(cells: list[LoadRun], workload: str, path: str, concurrency: int) -> dict[int, LoadRun]:
