@@ -49,7 +49,9 @@ class ImageClassifier(ModelHandler):
         self.default_top_k = settings["top_k"]
         self.max_pixels = settings["max_image_pixels"]
         self.check_photos = [path.read_bytes() for path in sorted((Path(model_dir) / CHECK_PHOTOS).glob("*.jpg"))]
-        return self.load_network(model_dir, serialized_file, settings)
+        network = self.load_network(model_dir, serialized_file, settings)
+        self.categories = distinct_names(self.categories)
+        return network
 
     @abstractmethod
     def load_network(self, model_dir, serialized_file: str | None, settings: dict) -> torch.nn.Module:
@@ -90,6 +92,21 @@ class ImageClassifier(ModelHandler):
             self.categories[int(index)]: round(float(p), 6)
             for p, index in zip(top.values.tolist(), top.indices.tolist())
         }
+
+
+def distinct_names(categories: list[str]) -> list[str]:
+    """The category names, each made unique: a name that several classes share gets its class
+    index: timm's ImageNet table has ``"crane (class 134)"`` and ``"crane (class 517)"`` (the bird
+    and the machine; torchvision's says "crane bird" and "crane").
+    The answer is a ``{category: probability}`` dict, so a shared name would lose a class from
+    the top-k and put the lower score under the name. ValueError if names still collide."""
+    counts: dict[str, int] = {}
+    for name in categories:
+        counts[name] = counts.get(name, 0) + 1
+    distinct = [f"{name} (class {index})" if counts[name] > 1 else name for index, name in enumerate(categories)]
+    if len(set(distinct)) != len(distinct):
+        raise ValueError("the category names collide even with their class indices appended")
+    return distinct
 
 
 def _png(pixels: np.ndarray) -> bytes:

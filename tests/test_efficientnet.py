@@ -126,3 +126,13 @@ def test_the_precision_choice_is_guarded_on_the_archives_real_photos(efficientne
         assert worker.precision in ("bf16", "fp32")
     else:
         assert worker.precision == "fp32"
+
+
+def test_every_class_is_in_a_full_top_k_once_and_in_order(efficientnet):
+    # timm's table names two classes "crane" (134 the bird, 517 the machine): both must be answered.
+    (reply,) = predict(efficientnet, [request({"image": base64.b64encode(photo("coffee").read_bytes()).decode(),
+                                               "top_k": 1000}, "application/json")])
+    scores = list(reply.json().values())
+    assert reply.status == 200 and len(scores) == 1000
+    assert scores == sorted(scores, reverse=True)
+    assert {"crane (class 134)", "crane (class 517)"} <= set(reply.json())

@@ -15,6 +15,7 @@ from graviton_serve.demo_store import build_demo_store
 from graviton_serve.families import family
 from graviton_serve.paths import HANDLERS_DIR, MODEL_STORE
 from graviton_serve.sample_data import PHOTOS, photo
+from handlers.image_classification import distinct_names
 from handlers.images import open_image
 from tests.images import bomb_png, encode, truncated_png
 from tests.inprocess import load_model_dir, load_service, predict, request
@@ -106,6 +107,14 @@ def test_exif_orientation_is_applied(rigged_resnet18, resnet50):
     stored = encode(upright.rotate(180), "PNG", exif=exif)
     decoded = open_image(stored, handler.max_pixels)
     assert np.array_equal(np.asarray(decoded.convert("RGB")), np.asarray(upright))
+
+
+def test_only_names_that_several_classes_share_get_their_class_index():
+    # timm's ImageNet table names 134 (the bird) and 517 (the machine) both "crane"; in a
+    # {name: probability} answer one would overwrite the other. torchvision's table has no such pair.
+    assert distinct_names(["crane", "tabby", "crane"]) == ["crane (class 0)", "tabby", "crane (class 2)"]
+    categories = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
+    assert distinct_names(categories) == categories
 
 
 def test_json_body_and_top_k(resnet50):
