@@ -11,6 +11,7 @@ option ``top_k`` in the JSON body or as a form field.
 from __future__ import annotations
 
 import io
+from collections import Counter
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,13 +97,11 @@ class ImageClassifier(ModelHandler):
 
 def distinct_names(categories: list[str]) -> list[str]:
     """The category names, each made unique: a name that several classes share gets its class
-    index: timm's ImageNet table has ``"crane (class 134)"`` and ``"crane (class 517)"`` (the bird
-    and the machine; torchvision's says "crane bird" and "crane").
-    The answer is a ``{category: probability}`` dict, so a shared name would lose a class from
-    the top-k and put the lower score under the name. ValueError if names still collide."""
-    counts: dict[str, int] = {}
-    for name in categories:
-        counts[name] = counts.get(name, 0) + 1
+    index. timm's ImageNet table names both 134 (the bird) and 517 (the machine) "crane"; they
+    become ``"crane (class 134)"`` and ``"crane (class 517)"`` (torchvision's table already says
+    "crane bird" and "crane"). The answer is a ``{category: probability}`` dict: a shared name would
+    lose a class from the top-k. ValueError if names still collide."""
+    counts = Counter(categories)
     distinct = [f"{name} (class {index})" if counts[name] > 1 else name for index, name in enumerate(categories)]
     if len(set(distinct)) != len(distinct):
         raise ValueError("the category names collide even with their class indices appended")
