@@ -78,7 +78,37 @@ def usage_text(server: TorchServe) -> str:
     return "\n".join(lines)
 
 
-def serve(stop: bool, foreground: bool) -> int:
+def serve_on_ray(stop: bool) -> int:
+    from graviton_serve.ray_cluster import RayServer
+
+    server = RayServer(RUN_DIR, MODEL_STORE, CONFIG_FILE)
+    if stop:
+        was_running = server.is_running()
+        server.stop()
+        say("Ray Serve stopped" if was_running else "Ray Serve was not running")
+        return 0
+    from graviton_serve.demo_store import build_demo_store
+
+    build_demo_store(MODEL_STORE)
+    if server.is_running():
+        say("Ray Serve is already running (scripts/serve --engine ray --stop stops it)")
+        return 0
+    started = time.monotonic()
+    server.start(say)
+    say(f"every model RUNNING on Ray Serve {time.monotonic() - started:.1f}s after start")
+    key = f"$(python3 -c 'import json;print(json.load(open(\"{server.key_file}\"))[\"inference\"][\"key\"])')"
+    print(f"Ray Serve is up at {server.url()}; Ray's folder {server.folder}\n  KEY={key}\n"
+          f"  curl -X POST {server.url('predictions/mnist')} -H \"Authorization: Bearer $KEY\" -T tests/data/digit.png\n"
+          f"  (the same paths, bodies and answers as TorchServe's inference API; see the README's Ray Serve section)\n"
+          "  stop: scripts/serve --engine ray --stop", flush=True)
+    return 0
+
+
+def serve(stop: bool, foreground: bool, engine: str = "torchserve") -> int:
+    if engine == "ray":
+        if foreground:
+            raise ServerError("--foreground is TorchServe's; on Ray, the cluster keeps running: stop it with --stop")
+        return serve_on_ray(stop)
     server = TorchServe(RUN_DIR, MODEL_STORE, CONFIG_FILE)
     if stop:
         was_running = server.is_running()
@@ -178,6 +208,8 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--stop", action="store_true", help="stop the server and wait until its processes exit")
     mode.add_argument("--foreground", action="store_true", help="stay in the foreground; SIGTERM stops cleanly")
+    parser.add_argument("--engine", choices=("torchserve", "ray"), default="torchserve",
+                        help="torchserve (default), or ray: the same archives on Ray Serve (needs the 'ray' extra)")
 
 
 # name: (help, its arguments, what it runs; a return value that is an int is the exit status)
@@ -187,7 +219,7 @@ COMMANDS = {
     "build-vision": ("a ResNet/DenseNet archive with real weights", build_vision_arguments, build_vision),
     "build-text": ("a BERT/RoBERTa archive from a hub id or a local folder", build_text_arguments, build_text),
     "bench": ("ours against stock TorchServe and the raw forward, through real servers", bench_arguments, bench),
-    "serve": ("serve every model of the model store", serve_arguments, lambda args: serve(args.stop, args.foreground)),
+    "serve": ("serve every model of the model store", serve_arguments, lambda args: serve(args.stop, args.foreground, args.engine)),
 }
 
 
@@ -202,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status = COMMANDS[args.command][2](args)
+    except ModuleNotFoundError as error:
+        if error.name not in ("ray", "starlette", "python_multipart"):
+            raise
+        print(f"error: {error.name} is not installed: pip install -e '.[ray]' (scripts/test installs it)", file=sys.stderr)
+        return 1
     except (JavaNotFound, ConfigError, ServerError, CpuAsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

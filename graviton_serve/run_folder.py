@@ -44,6 +44,7 @@ class RunFolder:
     draining = _Under("draining")  # present while the server drains: the container's readiness probe fails
     core_locks = _Under("cores")  # GS_CORE_LOCK_DIR: the workers' core claims
     precision_cache = _Under("precision")  # GS_PRECISION_CACHE_DIR: auto's kept outcomes, across restarts
+    ray = _Under("ray")  # scripts/serve --engine ray: the Ray node's folder, its keys and Serve config (graviton_serve.ray_cluster)
     front = _Under("front")  # the HTTP front's (nginx's) config, pid and temp folders (graviton_serve.http_front)
 
     def log(self, name: str) -> Path:

