@@ -98,7 +98,7 @@ def serve_on_ray(stop: bool) -> int:
     say(f"every model RUNNING on Ray Serve {time.monotonic() - started:.1f}s after start")
     key = f"$(python3 -c 'import json;print(json.load(open(\"{server.key_file}\"))[\"inference\"][\"key\"])')"
     print(f"Ray Serve is up at {server.url()}; Ray's folder {server.folder}\n  KEY={key}\n"
-          f"  curl -X POST {server.url('predictions/mnist')} -H \"Authorization: Bearer $KEY\" -T tests/data/digit.png\n"
+          f"  curl -X POST {server.url('inference', 'predictions/mnist')} -H \"Authorization: Bearer $KEY\" -T tests/data/digit.png\n"
           f"  (the same paths, bodies and answers as TorchServe's inference API; see the README's Ray Serve section)\n"
           "  stop: scripts/serve --engine ray --stop", flush=True)
     return 0
@@ -191,6 +191,7 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round of 4 s cells, 12 gRPC requests")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock TorchServe reference")
     parser.add_argument("--no-limit", action="store_true", help="skip the limits")
+    parser.add_argument("--no-ray", action="store_true", help="skip ours on Ray Serve (path 'ray')")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="where results.md, .json and the chart go")
 
 
@@ -201,7 +202,7 @@ def bench(args: argparse.Namespace) -> None:
     if args.quick:
         args.seconds, args.rounds, args.grpc_requests = 4, 1, 12
     benchmark(workloads(args.workloads), args.concurrency, args.grpc_concurrency, args.grpc_requests, args.seconds,
-              args.rounds, args.out, with_stock=not args.no_stock, with_limit=not args.no_limit)
+              args.rounds, args.out, with_stock=not args.no_stock, with_limit=not args.no_limit, with_ray=not args.no_ray)
 
 
 def serve_arguments(parser: argparse.ArgumentParser) -> None:

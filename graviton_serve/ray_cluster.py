@@ -272,9 +272,26 @@ class RayServer:
     def archives(self) -> list[Path]:
         return sorted(self.model_store.glob("*.mar"))
 
-    def url(self, path: str = "") -> str:
+    def url(self, api: str = "inference", path: str = "") -> str:
+        """Like ``TorchServe.url``; Ray Serve has only the inference API."""
+        if api != "inference":
+            raise ValueError(f"Ray Serve serves no {api} API here: only inference")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "[::]") else self.host
         return f"http://{host}:{self.port}/{path}"
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {json.loads(self.key_file.read_text())['inference']['key']}"}
+
+    def replica_processes(self, model: str) -> list[psutil.Process]:
+        """The model's running replicas' processes (as the bench counts a TorchServe model's workers)."""
+        state = json.loads(self.state_file.read_text())
+        found = []
+        for replica in replicas(applications(state["dashboard"], self.token_file).get(model, {})):
+            try:
+                found.append(psutil.Process(int(replica["pid"])))
+            except (psutil.Error, KeyError, ValueError):
+                pass
+        return found
 
     def is_running(self) -> bool:
         try:

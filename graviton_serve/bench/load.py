@@ -43,7 +43,10 @@ def require_wrk() -> str:
     return shutil.which("wrk") or "wrk"
 
 
-def model_workers(server: TorchServe, model: str) -> list[psutil.Process]:
+def model_workers(server, model: str) -> list[psutil.Process]:
+    """The processes that run the model: TorchServe's workers, or Ray Serve's replicas."""
+    if hasattr(server, "replica_processes"):
+        return server.replica_processes(model)
     processes = []
     for worker in server.management(timeout=10).model(model).get("workers", []):
         try:
@@ -72,21 +75,22 @@ def _rss_mib(processes: list[psutil.Process]) -> int:
     return int(_total(processes, lambda process: process.memory_info().rss)) >> 20
 
 
-def settle(server: TorchServe, model: str, timeout: float = 300.0) -> None:
+def settle(server, model: str, timeout: float = 300.0) -> None:
     """Wait until the model has nothing queued and its workers are idle: wrk stops sending when
     its time is up, but what it sent last is still being answered, and would otherwise run into
-    the next cell (on the other server)."""
+    the next cell (on the other server). (Ray Serve has no management API: idle workers only.)"""
     workers = model_workers(server, model)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         before = _cpu_seconds(workers)
         time.sleep(0.3)
-        if server.management(timeout=10).pending_requests(model) == 0 and _cpu_seconds(workers) - before < 0.03:
+        pending = 0 if hasattr(server, "replica_processes") else server.management(timeout=10).pending_requests(model)
+        if pending == 0 and _cpu_seconds(workers) - before < 0.03:
             return
     raise RuntimeError(f"{model} still busy {timeout:.0f} s after its load ended")
 
 
-def wrk_load(server: TorchServe, workload: str, path: str, model: str, body_files: list[Path], concurrency: int,
+def wrk_load(server, workload: str, path: str, model: str, body_files: list[Path], concurrency: int,
              seconds: float, round_number: int) -> LoadRun:
     """``seconds`` of POSTs from wrk (one thread, ``concurrency`` keep-alive connections), the
     bodies in turn; the worker processes' CPU and wrk's own, from the kernel's accounting. Returns
@@ -159,6 +163,30 @@ def running(label: str, archives: list[Path], config: Path) -> Iterator[TorchSer
         server = TorchServe(Path(work) / "run", store, config, ports=Ports.free())
         say(f"bench: starting TorchServe ({label}) with {', '.join(a.stem for a in archives)}")
         server.start(timeout=300)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@contextmanager
+def running_on_ray(archives: list[Path], config: Path) -> Iterator["RayServer"]:
+    """The same archives on Ray Serve (a one-node Ray cluster, ``scripts/serve --engine ray``'s
+    setup) on a free port, for the block."""
+    from graviton_serve.ray_cluster import RayServer
+    from graviton_serve.torchserve_config import free_loopback_ports
+
+    with tempfile.TemporaryDirectory(prefix="gs-bench-ray-") as work:
+        store = Path(work) / "store"
+        store.mkdir()
+        for archive in archives:
+            shutil.copy2(archive, store / archive.name)
+        properties = read_properties(config)
+        properties["inference_address"] = f"http://127.0.0.1:{free_loopback_ports(1)[0]}"
+        write_properties(Path(work) / "config.properties", properties)
+        server = RayServer(Path(work) / "run", store, Path(work) / "config.properties")
+        say(f"bench: starting Ray Serve (ours) with {', '.join(a.stem for a in archives)}")
+        server.start(lambda line: None, timeout_s=300)
         try:
             yield server
         finally:

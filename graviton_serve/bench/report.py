@@ -62,6 +62,7 @@ def ratios(cells: list[LoadRun], limits: list[Limit]) -> dict[str, dict[str, lis
         top = max(c.concurrency for c in cells if c.workload == workload and c.protocol == "REST")
         ours, stock = _rest(cells, workload, "ours", top), _rest(cells, workload, "stock", top)
         ours_c1, stock_c1 = _rest(cells, workload, "ours", 1), _rest(cells, workload, "stock", 1)
+        ray, ray_c1 = _rest(cells, workload, "ray", top), _rest(cells, workload, "ray", 1)
         limit = {l.kind: l.items_per_s for l in limits if l.workload == workload}
         found[workload] = {
             "concurrency": [top],
@@ -73,8 +74,25 @@ def ratios(cells: list[LoadRun], limits: list[Limit]) -> dict[str, dict[str, lis
             "ours c1 p50": [c.p50_ms for c in ours_c1.values()],
             "stock c1 p50": [c.p50_ms for c in stock_c1.values()],
             "c1 p50 ours/stock": [ours_c1[r].p50_ms / stock_c1[r].p50_ms for r in ours_c1 if r in stock_c1],
+            # ours on Ray Serve: the same archive and Worker, Ray's HTTP proxy and @serve.batch
+            "ray": [c.throughput for c in ray.values()],
+            "ray/ours": [ray[r].throughput / ours[r].throughput for r in ray if r in ours],
+            "ray/stock": [ray[r].throughput / stock[r].throughput for r in ray if r in stock],
+            "ray c1 p50": [c.p50_ms for c in ray_c1.values()],
         }
     return found
+
+
+def ray_summary(cells: list[LoadRun], limits: list[Limit]) -> str:
+    """Ours on Ray Serve beside ours on TorchServe and stock (only when the run had the ray path)."""
+    lines = ["| workload | ray (req/s) | ours on TorchServe (req/s) | stock (req/s) | ray/ours | ray/stock | "
+             "ray c1 p50 (ms) | ours c1 p50 (ms) |", "|---|---|---|---|---|---|---|---|"]
+    for workload, r in ratios(cells, limits).items():
+        if r["ray"]:
+            lines.append(f"| {workload} (c{r['concurrency'][0]}) | {_spread(r['ray'], '')} | {_spread(r['ours'], '')} | "
+                         f"{_spread(r['stock'], '')} | {_spread(r['ray/ours'])} | {_spread(r['ray/stock'])} | "
+                         f"{_spread(r['ray c1 p50'], '', 0)} | {_spread(r['ours c1 p50'], '', 0)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def summary(cells: list[LoadRun], limits: list[Limit]) -> str:
@@ -107,11 +125,15 @@ def chart(cells: list[LoadRun], limits: list[Limit], path: Path) -> None:
     found = {w: r for w, r in ratios(cells, limits).items() if w in serving}
     workloads = list(found)
     figure, axis = plt.subplots(figsize=(10, 4.5))
-    width = 0.38
-    for offset, (name, label) in enumerate((("ours", "graviton-serve"), ("stock", "stock TorchServe"))):
+    series = [("ours", "graviton-serve"), ("stock", "stock TorchServe")]
+    if any(found[w]["ray"] for w in workloads):
+        series.append(("ray", "graviton-serve on Ray Serve"))
+    width = 0.8 / len(series)
+    for offset, (name, label) in enumerate(series):
         medians = [statistics.median(found[w][name]) if found[w][name] else 0.0 for w in workloads]
         shares = [100 * m / serving[w] for m, w in zip(medians, workloads)]
-        bars = axis.bar([i + (offset - 0.5) * width for i in range(len(workloads))], shares, width, label=label)
+        bars = axis.bar([i + (offset - (len(series) - 1) / 2) * width for i in range(len(workloads))], shares, width,
+                        label=label)
         axis.bar_label(bars, labels=[f"{m:.1f}/s" if m else "n/a" for m in medians], fontsize=7)
     axis.axhline(100, color="grey", linestyle="--", linewidth=1)
     axis.set_xticks(range(len(workloads)), [f"{w}\n(serving limit {serving[w]:.1f}/s)" for w in workloads], fontsize=8)
@@ -130,6 +152,8 @@ def report(cells: list[LoadRun], limits: list[Limit], out: Path) -> str:
     text = "\n\n".join([
         f"Machine: {machine_line()}",
         f"Ours against stock and the limits, REST from wrk; median of {rounds} rounds (min–max):\n\n" + summary(cells, limits),
+        *([f"Ours on Ray Serve (path ray) against ours on TorchServe and stock, median of {rounds} rounds:\n\n"
+           + ray_summary(cells, limits)] if ray_summary(cells, limits) else []),
         "Every load run:\n\n" + CELL_HEADER + "\n" + "\n".join(load_run_row(cell) for cell in cells),
         "The limits (our handler in one process, no server, one full batch):\n\n" + limits_table(limits),
     ]) + "\n"

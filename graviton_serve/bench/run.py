@@ -8,7 +8,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from graviton_serve.bench.limit import limits as measure_limits
-from graviton_serve.bench.load import grpc_load, require_wrk, running, stock_config, wrk_load
+from graviton_serve.bench.load import grpc_load, require_wrk, running, running_on_ray, stock_config, wrk_load
 from graviton_serve.bench.report import CELL_HEADER, load_run_row, report
 from graviton_serve.bench.results import Limit, LoadRun, Workload
 from graviton_serve.grpc_client import GrpcClient
@@ -19,7 +19,8 @@ WARM_UP_S = 3  # per server and workload, at the highest concurrency, not report
 
 
 def benchmark(workloads: list[Workload], concurrencies: list[int], grpc_concurrencies: list[int], grpc_requests: int,
-              seconds: float, rounds: int, out: Path, with_stock: bool = True, with_limit: bool = True) -> str:
+              seconds: float, rounds: int, out: Path, with_stock: bool = True, with_limit: bool = True,
+              with_ray: bool = True) -> str:
     require_wrk()
     cells: list[LoadRun] = []
     limits: list[Limit] = []
@@ -40,6 +41,8 @@ def benchmark(workloads: list[Workload], concurrencies: list[int], grpc_concurre
                 if with_stock and workload.stock is not None:
                     servers["stock"] = (stack.enter_context(running("stock", [workload.stock], stock_properties)),
                                         workload.stock.stem)
+                if with_ray:  # the same archive on Ray Serve: path "ray"
+                    servers["ray"] = (stack.enter_context(running_on_ray([workload.ours], CONFIG_FILE)), workload.ours.stem)
                 for path, (server, model) in servers.items():
                     wrk_load(server, workload.name, path, model, body_files, max(concurrencies), WARM_UP_S, 0)
                 for round_number in range(1, rounds + 1):
