@@ -2,7 +2,8 @@
 
     python -m graviton_serve.cli setup            # Java check + gRPC stubs
     python -m graviton_serve.cli build-store      # the offline demo model store (cached)
-    python -m graviton_serve.cli serve [--stop | --foreground]
+    python -m graviton_serve.cli serve [--stop | --foreground] [--engine ray]
+    python -m graviton_serve.cli ray-config       # a Ray Serve config for your own Ray cluster
     python -m graviton_serve.cli bench [...]      # graviton_serve.bench
 
 A command's modules are imported when that command runs (``serve --stop`` loads no torch).
@@ -205,6 +206,31 @@ def bench(args: argparse.Namespace) -> None:
               args.rounds, args.out, with_stock=not args.no_stock, with_limit=not args.no_limit, with_ray=not args.no_ray)
 
 
+def ray_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", type=Path, default=MODEL_STORE, help="the model store (a path every Ray node can read)")
+    parser.add_argument("--key-file", type=Path, default=RUN_DIR / "ray" / "key_file.json",
+                        help="the inference key, TorchServe's key_file.json shape (made if missing)")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=0, help="each replica's intra-op threads (0: its CPUs)")
+    parser.add_argument("--host", default="127.0.0.1", help="the HTTP proxy's address (0.0.0.0 in a container)")
+
+
+def ray_config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from graviton_serve.ray_cluster import serve_config, write_key_file
+    from graviton_serve.torchserve_config import listen_address, read_properties
+    from handlers.launch import launch_settings
+
+    properties = read_properties(CONFIG_FILE)
+    _, port = listen_address(properties, "inference_address")
+    config = serve_config(sorted(args.store.resolve().glob("*.mar")), port, write_key_file(args.key_file.resolve()),
+                          int(properties.get("max_request_size", 6553500)), args.replicas, args.cpus_per_replica,
+                          args.threads, args.host, launch_settings())
+    print(yaml.safe_dump(config, sort_keys=False), end="")
+
+
 def serve_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--stop", action="store_true", help="stop the server and wait until its processes exit")
@@ -220,6 +246,8 @@ COMMANDS = {
     "build-vision": ("a ResNet/DenseNet archive with real weights", build_vision_arguments, build_vision),
     "build-text": ("a BERT/RoBERTa archive from a hub id or a local folder", build_text_arguments, build_text),
     "bench": ("ours against stock TorchServe and the raw forward, through real servers", bench_arguments, bench),
+    "ray-config": ("print a Ray Serve config (serve deploy) for the model store's archives", ray_config_arguments,
+                   ray_config),
     "serve": ("serve every model of the model store", serve_arguments, lambda args: serve(args.stop, args.foreground, args.engine)),
 }
 

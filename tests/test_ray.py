@@ -315,3 +315,34 @@ def test_requests_are_answered_while_a_node_dies(cluster):
     assert outcome["answered first time"] + outcome["answered after a retry"] > 20
     alive = ray_cluster.alive_nodes(cluster.head.dashboard_url, cluster.token)
     assert len(alive) == 1
+
+
+@pytest.mark.ray
+def test_scripts_serve_engine_ray_serves_the_store_and_stops_by_its_pids(archives, tmp_path):
+    """What ``scripts/serve --engine ray`` runs (RayServer), over a store of mnist alone."""
+    from graviton_serve.paths import CONFIG_FILE
+    from graviton_serve.torchserve_config import read_properties, write_properties
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "mnist.mar").symlink_to(archives[0])
+    properties = read_properties(CONFIG_FILE)
+    properties["inference_address"] = f"http://127.0.0.1:{free_loopback_ports(1)[0]}"
+    write_properties(tmp_path / "config.properties", properties)
+    server = ray_cluster.RayServer(tmp_path / "run", store, tmp_path / "config.properties")
+    lines: list[str] = []
+    server.start(lines.append, timeout_s=300)
+    try:
+        assert server.is_running()
+        state = json.loads(server.state_file.read_text())
+        pids = [state["pid"], *(pid for pid, _ in state["children"])]
+        reply = requests.post(server.url("inference", "predictions/mnist"), data=DIGIT, headers=server.auth(), timeout=60)
+        assert reply.status_code == 200 and max(reply.json(), key=reply.json().get) == "7"
+        assert [process.pid for process in server.replica_processes("mnist")]
+        assert (server.run_folder.ray / "key_file.json").stat().st_mode & 0o077 == 0
+    finally:
+        server.stop()
+    assert not server.is_running()
+    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"Ray processes left running: {alive}"
+    assert any("deployed" in line for line in lines)
