@@ -80,7 +80,7 @@ def usage_text(server: TorchServe) -> str:
 
 
 def serve_on_ray(stop: bool) -> int:
-    from graviton_serve.ray_cluster import RayServer
+    from graviton_serve.ray_server import RayServer
 
     server = RayServer(RUN_DIR, MODEL_STORE, CONFIG_FILE)
     if stop:

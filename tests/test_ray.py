@@ -31,6 +31,7 @@ from graviton_serve import ray_cluster  # noqa: E402
 from graviton_serve.demo_store import build_demo_store  # noqa: E402
 from graviton_serve.paths import MODEL_STORE  # noqa: E402
 from graviton_serve.ray_front import torchserve_request  # noqa: E402
+from graviton_serve.ray_server import RayServer  # noqa: E402
 from graviton_serve.torchserve_config import free_loopback_ports  # noqa: E402
 from handlers.launch import launch_environment  # noqa: E402
 from handlers.tuning import usable_cpus  # noqa: E402
@@ -329,7 +330,7 @@ def test_scripts_serve_engine_ray_serves_the_store_and_stops_by_its_pids(archive
     properties = read_properties(CONFIG_FILE)
     properties["inference_address"] = f"http://127.0.0.1:{free_loopback_ports(1)[0]}"
     write_properties(tmp_path / "config.properties", properties)
-    server = ray_cluster.RayServer(tmp_path / "run", store, tmp_path / "config.properties")
+    server = RayServer(tmp_path / "run", store, tmp_path / "config.properties")
     lines: list[str] = []
     server.start(lines.append, timeout_s=300)
     try:

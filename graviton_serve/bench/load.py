@@ -173,7 +173,7 @@ def running(label: str, archives: list[Path], config: Path) -> Iterator[TorchSer
 def running_on_ray(archives: list[Path], config: Path) -> Iterator["RayServer"]:
     """The same archives on Ray Serve (a one-node Ray cluster, ``scripts/serve --engine ray``'s
     setup) on a free port, for the block."""
-    from graviton_serve.ray_cluster import RayServer
+    from graviton_serve.ray_server import RayServer
     from graviton_serve.torchserve_config import free_loopback_ports
 
     with tempfile.TemporaryDirectory(prefix="gs-bench-ray-") as work:

@@ -1,0 +1,120 @@
+"""``scripts/serve --engine ray``: every archive of a model store on Ray Serve, on a one-node Ray
+cluster on this machine (graviton_serve.ray_cluster), started and stopped by its process ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import psutil
+
+from graviton_serve.ray_cluster import (FRONT_APP, STOP_GRACE_S, signal_group, applications, auth_token_file, deploy,
+                                        process_times, replicas, serve_config, start_node, wait_running, write_key_file)
+
+
+class RayServer:
+    """Every archive of a model store on Ray Serve, on a one-node Ray cluster on this machine
+    (the head, with every usable CPU); its state in ``<run folder>/ray``. The HTTP address is
+    config.properties' ``inference_address``, the body limit its ``max_request_size``."""
+
+    def __init__(self, run_dir: Path, model_store: Path, config_file: Path):
+        from graviton_serve.run_folder import RunFolder
+        from graviton_serve.torchserve_config import listen_address, read_properties
+
+        self.run_folder = RunFolder(run_dir.resolve())
+        self.folder = self.run_folder.ray
+        self.model_store = model_store.resolve()
+        properties = read_properties(config_file)
+        self.host, self.port = listen_address(properties, "inference_address")
+        self.max_request_bytes = int(properties.get("max_request_size", 6553500))
+        self.state_file = self.folder / "state.json"
+        self.key_file = self.folder / "key_file.json"
+        self.token_file = self.folder / "ray-auth-token"
+
+    def archives(self) -> list[Path]:
+        return sorted(self.model_store.glob("*.mar"))
+
+    def url(self, api: str = "inference", path: str = "") -> str:
+        """Like ``TorchServe.url``; Ray Serve has only the inference API."""
+        if api != "inference":
+            raise ValueError(f"Ray Serve serves no {api} API here: only inference")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "[::]") else self.host
+        return f"http://{host}:{self.port}/{path}"
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {json.loads(self.key_file.read_text())['inference']['key']}"}
+
+    def replica_processes(self, model: str) -> list[psutil.Process]:
+        """The model's running replicas' processes (as the bench counts a TorchServe model's workers)."""
+        state = json.loads(self.state_file.read_text())
+        found = []
+        for replica in replicas(applications(state["dashboard"], self.token_file).get(model, {})):
+            try:
+                found.append(psutil.Process(int(replica["pid"])))
+            except (psutil.Error, KeyError, ValueError):
+                pass
+        return found
+
+    def is_running(self) -> bool:
+        try:
+            state = json.loads(self.state_file.read_text())
+            return psutil.Process(state["pid"]).create_time() == state["create_time"]
+        except (OSError, ValueError, KeyError, psutil.NoSuchProcess):
+            return False
+
+    def start(self, progress, timeout_s: float = 600) -> None:
+        from handlers.launch import launch_environment
+
+        cpus = len(os.sched_getaffinity(0))
+        archives = self.archives()
+        token = auth_token_file(self.folder)
+        write_key_file(self.key_file)
+        progress(f"starting a Ray head node ({cpus} CPUs, token auth on), logs in {self.folder}")
+        head = start_node(self.folder / "head", cpus, token)
+        process = psutil.Process(head.process.pid)
+        self.state_file.write_text(json.dumps({"pid": head.process.pid, "create_time": process.create_time(),
+                                               "children": process_times(head.children), "dashboard": head.dashboard_url,
+                                               "temp_dir": head.temp_dir}))
+        # Each model's replica gets all CPUs for its threads, as TorchServe's one worker per model
+        # does; the scheduler's share only lets every model fit on the node.
+        environment = launch_environment({}, str(self.run_folder.core_locks),
+                                         precision_cache_dir=str(self.run_folder.precision_cache))
+        config = serve_config(archives, self.port, self.key_file, self.max_request_bytes, replicas=1,
+                              cpus_per_replica=round(cpus / max(1, len(archives)), 3), threads=cpus, host=self.host,
+                              environment=environment)
+        try:
+            deploy(config, self.folder / "serve-config.yaml", head.dashboard_url, token)
+            progress(f"Serve config {self.folder / 'serve-config.yaml'} deployed; waiting for every model to run")
+            wait_running(head.dashboard_url, token, [FRONT_APP, *(a.stem for a in archives)], timeout_s, progress=progress)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return
+        processes = []
+        for pid, create_time in [(state["pid"], state["create_time"]), *state.get("children", [])]:
+            try:
+                process = psutil.Process(pid)
+                if process.create_time() == create_time:  # not a later process that got the same pid
+                    processes.append(process)
+            except psutil.NoSuchProcess:
+                pass
+        if processes and processes[0].pid == state["pid"]:
+            signal_group(state["pid"], signal.SIGTERM)
+            _, alive = psutil.wait_procs(processes, timeout=STOP_GRACE_S)
+            signal_group(state["pid"], signal.SIGKILL)
+            for process in alive:
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        if state.get("temp_dir"):
+            shutil.rmtree(state["temp_dir"], ignore_errors=True)
+        self.state_file.unlink(missing_ok=True)
