@@ -79,58 +79,47 @@ def usage_text(server: TorchServe) -> str:
     return "\n".join(lines)
 
 
-def serve_on_ray(stop: bool) -> int:
-    from graviton_serve.ray_server import RayServer
-
-    server = RayServer(RUN_DIR, MODEL_STORE, CONFIG_FILE)
-    if stop:
-        was_running = server.is_running()
-        server.stop()
-        say("Ray Serve stopped" if was_running else "Ray Serve was not running")
-        return 0
-    from graviton_serve.demo_store import build_demo_store
-
-    build_demo_store(MODEL_STORE)
-    if server.is_running():
-        say("Ray Serve is already running (scripts/serve --engine ray --stop stops it)")
-        return 0
-    started = time.monotonic()
-    server.start(say)
-    say(f"every model RUNNING on Ray Serve {time.monotonic() - started:.1f}s after start")
+def ray_usage_text(server) -> str:
     key = f"$(python3 -c 'import json;print(json.load(open(\"{server.key_file}\"))[\"inference\"][\"key\"])')"
-    print(f"Ray Serve is up at {server.url()}; Ray's folder {server.folder}\n  KEY={key}\n"
-          f"  curl -X POST {server.url('inference', 'predictions/mnist')} -H \"Authorization: Bearer $KEY\" -T tests/data/digit.png\n"
-          f"  (the same paths, bodies and answers as TorchServe's inference API; see the README's Ray Serve section)\n"
-          "  stop: scripts/serve --engine ray --stop", flush=True)
-    return 0
+    return (f"Ray Serve is up at {server.url()}; Ray's folder {server.folder}\n  KEY={key}\n"
+            f"  curl -X POST {server.url('inference', 'predictions/mnist')} -H \"Authorization: Bearer $KEY\" "
+            "-T tests/data/digit.png\n"
+            "  (the same paths, bodies and answers as TorchServe's inference API; see the README's Ray Serve section)\n"
+            "  stop: scripts/serve --engine ray --stop")
 
 
 def serve(stop: bool, foreground: bool, engine: str = "torchserve") -> int:
     if engine == "ray":
+        from graviton_serve.ray_server import RayServer
+
         if foreground:
             raise ServerError("--foreground is TorchServe's; on Ray, the cluster keeps running: stop it with --stop")
-        return serve_on_ray(stop)
-    server = TorchServe(RUN_DIR, MODEL_STORE, CONFIG_FILE)
+        server, name, usage = RayServer(RUN_DIR, MODEL_STORE, CONFIG_FILE), "Ray Serve", ray_usage_text
+    else:
+        server, name, usage = TorchServe(RUN_DIR, MODEL_STORE, CONFIG_FILE), "TorchServe", usage_text
     if stop:
         was_running = server.is_running()
         server.stop()
-        say("TorchServe stopped" if was_running else "TorchServe was not running")
+        say(f"{name} stopped" if was_running else f"{name} was not running")
         return 0
     from graviton_serve.demo_store import build_demo_store
     from graviton_serve.foreground import serve_foreground
 
     build_demo_store(MODEL_STORE)
     if server.is_running():
-        say("TorchServe is already running")
-        print(usage_text(server))
+        say(f"{name} is already running")
+        print(usage(server))
         return 0
     if foreground:
         return serve_foreground(server, on_ready=lambda: print(usage_text(server), flush=True))
-    say(f"starting TorchServe: models {', '.join(server.expected_models())}")
     started = time.monotonic()
-    server.start()
+    if engine == "ray":
+        server.start(say)
+    else:
+        say(f"starting TorchServe: models {', '.join(server.expected_models())}")
+        server.start()
     say(f"every model READY {time.monotonic() - started:.1f}s after start")
-    print(usage_text(server), flush=True)
+    print(usage(server), flush=True)
     return 0
 
 

@@ -59,19 +59,14 @@ class RayNode:
             pass
 
     def stop(self) -> None:
+        """SIGTERM (Ray drains the node), then SIGKILL to whatever is left."""
         self.remember_children()
         signal_group(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             pass
-        signal_group(self.process.pid, signal.SIGKILL)
-        for pid in self.children:
-            try:
-                psutil.Process(pid).kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.process.wait(10)
+        self.kill()
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 

@@ -7,12 +7,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 import psutil
 
-from graviton_serve.ray_cluster import (FRONT_APP, STOP_GRACE_S, signal_group, applications, auth_token_file, deploy,
-                                        process_times, replicas, serve_config, start_node, wait_running, write_key_file)
+from graviton_serve.ray_cluster import (FRONT_APP, STOP_GRACE_S, RayError, applications, auth_token_file, deploy,
+                                        process_times, replicas, serve_config, signal_group, start_node, wait_running,
+                                        write_key_file)
 
 
 class RayServer:
@@ -70,6 +72,14 @@ class RayServer:
 
         cpus = len(os.sched_getaffinity(0))
         archives = self.archives()
+        if not archives:
+            raise RayError(f"no .mar archives in {self.model_store}")
+        try:
+            with socket.create_server((self.host.strip("[]"), self.port)):
+                pass
+        except OSError as error:
+            raise RayError(f"cannot listen on {self.host}:{self.port} (inference_address): {error.strerror}; "
+                           "is TorchServe running there? (scripts/serve --stop)") from None
         token = auth_token_file(self.folder)
         write_key_file(self.key_file)
         progress(f"starting a Ray head node ({cpus} CPUs, token auth on), logs in {self.folder}")
