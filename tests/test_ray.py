@@ -214,6 +214,36 @@ def cluster(archives, torchserve_answers, tmp_path_factory):
 
 
 @pytest.mark.ray
+def test_scripts_serve_engine_ray_serves_the_store_and_stops_by_its_pids(archives, tmp_path):
+    """What ``scripts/serve --engine ray`` runs (RayServer), over a store of mnist alone."""
+    from graviton_serve.paths import CONFIG_FILE
+    from graviton_serve.torchserve_config import read_properties, write_properties
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "mnist.mar").symlink_to(next(archive for archive in archives if archive.stem == "mnist"))
+    properties = read_properties(CONFIG_FILE)
+    properties["inference_address"] = f"http://127.0.0.1:{free_loopback_ports(1)[0]}"
+    write_properties(tmp_path / "config.properties", properties)
+    server = RayServer(tmp_path / "run", store, tmp_path / "config.properties")
+    lines: list[str] = []
+    server.start(lines.append, timeout_s=300)
+    try:
+        assert server.is_running()
+        state = json.loads(server.state_file.read_text())
+        pids = [state["pid"], *(pid for pid, _ in state["children"])]
+        reply = requests.post(server.url("inference", "predictions/mnist"), data=DIGIT, headers=server.auth(), timeout=60)
+        assert reply.status_code == 200 and max(reply.json(), key=reply.json().get) == "7"
+        assert [process.pid for process in server.replica_processes("mnist")]
+        assert (server.run_folder.ray / "key_file.json").stat().st_mode & 0o077 == 0
+    finally:
+        server.stop()
+    assert not server.is_running()
+    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"Ray processes left running: {alive}"
+    assert any("deployed" in line for line in lines)
+
+@pytest.mark.ray
 def test_mnist_replicas_are_spread_over_both_nodes(cluster):
     replicas = ray_cluster.replicas(cluster.apps["mnist"])
     assert len({replica["node_id"] for replica in replicas}) == 2, replicas
@@ -273,6 +303,12 @@ def test_replicas_scale_down_and_up_through_serves_config(cluster):
 
 
 @pytest.mark.ray
+def test_a_file_posted_as_a_form_is_a_400_that_says_so(cluster):
+    """(TorchServe answers this one with its own 500: the README's input contract.)"""
+    reply = ask(cluster.base, cluster.key, "mnist", DIGIT, {"Content-Type": "application/x-www-form-urlencoded"})
+    assert reply.status_code == 400 and reply.json()["type"] == "BadInput" and "form" in reply.json()["message"]
+
+@pytest.mark.ray
 def test_requests_are_answered_while_a_node_dies(cluster):
     """Four clients send mnist requests while the worker node is killed (SIGKILL to every process
     of it, as a lost machine); a client retries a failed request up to 5 times, as a client of
@@ -318,34 +354,3 @@ def test_requests_are_answered_while_a_node_dies(cluster):
     while len(ray_cluster.alive_nodes(cluster.head.dashboard_url, cluster.token)) != 1:
         assert time.monotonic() < deadline, "Ray still counts the killed node as alive"
         time.sleep(1)
-
-
-@pytest.mark.ray
-def test_scripts_serve_engine_ray_serves_the_store_and_stops_by_its_pids(archives, tmp_path):
-    """What ``scripts/serve --engine ray`` runs (RayServer), over a store of mnist alone."""
-    from graviton_serve.paths import CONFIG_FILE
-    from graviton_serve.torchserve_config import read_properties, write_properties
-
-    store = tmp_path / "store"
-    store.mkdir()
-    (store / "mnist.mar").symlink_to(archives[0])
-    properties = read_properties(CONFIG_FILE)
-    properties["inference_address"] = f"http://127.0.0.1:{free_loopback_ports(1)[0]}"
-    write_properties(tmp_path / "config.properties", properties)
-    server = RayServer(tmp_path / "run", store, tmp_path / "config.properties")
-    lines: list[str] = []
-    server.start(lines.append, timeout_s=300)
-    try:
-        assert server.is_running()
-        state = json.loads(server.state_file.read_text())
-        pids = [state["pid"], *(pid for pid, _ in state["children"])]
-        reply = requests.post(server.url("inference", "predictions/mnist"), data=DIGIT, headers=server.auth(), timeout=60)
-        assert reply.status_code == 200 and max(reply.json(), key=reply.json().get) == "7"
-        assert [process.pid for process in server.replica_processes("mnist")]
-        assert (server.run_folder.ray / "key_file.json").stat().st_mode & 0o077 == 0
-    finally:
-        server.stop()
-    assert not server.is_running()
-    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"Ray processes left running: {alive}"
-    assert any("deployed" in line for line in lines)
