@@ -52,17 +52,22 @@ class RayNode:
     children: set[int] = field(default_factory=set)
 
     def remember_children(self) -> None:
-        """Note the node's processes (raylet, GCS, workers) so stop() finds them even once reparented."""
+        """Note the node's processes (raylet, GCS, workers, HAProxy) so stop() finds them even once
+        reparented; with ``temp_dir``, also any process whose command line names it (HAProxy is
+        restarted by Ray on each config change, and an old one can outlive its parent)."""
         try:
             self.children |= {child.pid for child in psutil.Process(self.process.pid).children(recursive=True)}
         except psutil.NoSuchProcess:
             pass
+        if self.temp_dir:
+            self.children |= processes_naming(self.temp_dir)
 
     def stop(self) -> None:
-        """SIGTERM (Ray drains the node), then SIGKILL to whatever is left."""
+        """SIGTERM to ``ray start`` (it drains the node, then stops its processes), then SIGKILL
+        to whatever of the node is left."""
         self.remember_children()
-        signal_group(self.process.pid, signal.SIGTERM)
         try:
+            self.process.send_signal(signal.SIGTERM)
             self.process.wait(STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             pass
@@ -80,6 +85,15 @@ class RayNode:
             except psutil.NoSuchProcess:
                 pass
         self.process.wait(10)
+
+
+def processes_naming(folder: str) -> set[int]:
+    """Processes whose command line names ``folder`` (a temp dir unique to one cluster)."""
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        if any(folder in part for part in process.info["cmdline"] or ()):
+            found.add(process.pid)
+    return found - {os.getpid()}
 
 
 def signal_group(pid: int, sig: int) -> None:
@@ -125,16 +139,20 @@ def ray_environment(token_file: Path, extra: dict[str, str] | None = None) -> di
             "RAY_USAGE_STATS_ENABLED": "0", **(extra or {})}
 
 
-def haproxy_environment(temp_dir: str) -> dict[str, str]:
-    """HAProxy's files in this cluster's temp dir and its stats/metrics on free ports (Ray's
-    defaults, /tmp/haproxy-serve and 8404/9101, would clash between two clusters on a machine)."""
+def haproxy_environment(private_dir: str) -> dict[str, str]:
+    """HAProxy's files (its admin socket is mode 666, level admin) in ``private_dir``, a 0700
+    folder of ours, and its stats/metrics on free ports (Ray's defaults, /tmp/haproxy-serve and
+    8404/9101, are shared by every cluster on a machine and open to every local user). A client
+    that sends nothing for 60 s is dropped, as the HTTP front does (Ray's default: an hour)."""
     stats_port, metrics_port = free_loopback_ports(2)
-    folder = Path(temp_dir) / "haproxy"
+    folder = Path(private_dir)  # Ray adds a 56-character node id; HAProxy's socket paths must fit 97 bytes
     return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port), "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port)}
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port), "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+            "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "60"}
 
 
 def start_node(folder: Path, cpus: float, token_file: Path, head_address: str = "",
@@ -154,13 +172,16 @@ def start_node(folder: Path, cpus: float, token_file: Path, head_address: str = 
         dashboard_port = dashboard_port or free_dashboard
         head_address = f"127.0.0.1:{gcs_port}"
         dashboard_url = f"http://127.0.0.1:{dashboard_port}"
-        # Ray's sockets live in its temp dir, and a Unix socket's path must fit in 107 bytes.
+        # Ray's sockets live in its temp dir (a Unix socket's path must fit in 107 bytes), and
+        # HAProxy's in a private folder beside it (Ray opens its own temp dir to every user).
         temp_dir = tempfile.mkdtemp(prefix="gsray-", dir="/tmp")
-        extra = haproxy_environment(temp_dir)  # the head runs the ingress (proxy_location HeadOnly)
-        command += ["--head", f"--port={gcs_port}", f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}",
+        os.mkdir(Path(temp_dir) / "p", 0o700)
+        extra = haproxy_environment(str(Path(temp_dir) / "p"))  # the head runs the ingress (HeadOnly)
+        command += ["--head", f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+        command.append(f"--temp-dir={temp_dir}/ray")
     log_file = folder / "ray-start.log"
-    with log_file.open("ab") as log:
+    with log_file.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=ray_environment(token_file, extra), start_new_session=True)
     node = RayNode(process, log_file, head_address, dashboard_url, temp_dir)
@@ -200,6 +221,7 @@ def serve_config(archives: list[Path], port: int, key_file: Path | None, max_req
     if threads:
         env_vars["OMP_NUM_THREADS"] = str(threads)
     applications = [{"name": FRONT_APP, "route_prefix": "/", "import_path": "graviton_serve.ray_front:front_app",
+                     "args": {"key_file": str(key_file or "")},
                      "deployments": [{"name": "Front", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}]}]
     for archive in archives:
         name = archive.stem
@@ -222,6 +244,16 @@ def deploy(config: dict, config_file: Path, dashboard_url: str, token_file: Path
         raise RayError(f"serve deploy failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
 
 
+def shutdown_serve(dashboard_url: str, token_file: Path, timeout_s: float = 60) -> None:
+    """``serve shutdown`` (Ray's CLI): every replica finishes the requests it holds (Serve's
+    graceful shutdown) before the applications go; best effort, the node stops after it anyway."""
+    try:
+        subprocess.run([str(SERVE), "shutdown", "-y", "--address", dashboard_url], env=ray_environment(token_file),
+                       capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def applications(dashboard_url: str, token_file: Path) -> dict:
     """Serve's view of its applications: name -> {status, deployments: {name: {status, replica_states}}}."""
     return dashboard_get(dashboard_url, token_file, "/api/serve/applications/").get("applications", {})
@@ -240,10 +272,12 @@ def wait_running(dashboard_url: str, token_file: Path, names: list[str], timeout
         if failed:
             raise RayError("; ".join(f"{name}: {message.strip()[-1500:]}" for name, message in failed.items()))
         counts = {name: len(replicas(apps.get(name, {}))) for name in names}
+        line = ", ".join(f"{name} {state.lower()}" for name, state in states.items())
         if all(state == "RUNNING" for state in states.values()) and \
                 all(counts[name] == want for name, want in (want_replicas or {}).items()):
+            if progress and line != shown:
+                progress(line)
             return apps
-        line = ", ".join(f"{name} {state.lower()}" for name, state in states.items())
         if progress and line != shown:
             progress(line)
             shown = line

@@ -185,8 +185,12 @@ class TorchServeArchive:
         self.model_name, self.max_request_bytes = model_name, max_request_bytes
         self.key = json.loads(Path(key_file).read_text())["inference"]["key"] if key_file else ""
         self.folder, manifest = unpack(Path(archive))
+        self.version = str(manifest["model"].get("modelVersion", "1.0"))
         device = "cuda:0" if ray.get_gpu_ids() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gave
         self.worker, config = archive_worker(self.folder, manifest, model_name, device)
+        from handlers.payload import Payload  # the archive's, as the worker's
+
+        self.payload_of = Payload.from_request
         # TorchServe's batching settings from the archive's model-config.yaml, for Serve's batcher.
         batch_size, batch_delay_ms = batching(config)
         self.answer_batch.set_max_batch_size(batch_size)
@@ -201,30 +205,26 @@ class TorchServeArchive:
         replies, _ = await asyncio.to_thread(self.worker.answer, payloads)
         return replies
 
-    def describe(self) -> dict:
-        return self.worker.describe()
-
     async def __call__(self, request: Request) -> Response:
-        from handlers.payload import Payload
-
-        if self.key and not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {self.key}"):
-            return json_response(400, TOKEN_ERROR)
-        rest = request.url.path.rstrip("/")[len(f"/predictions/{self.model_name}"):]
-        if rest:  # /predictions/<model>/<version>: versions are TorchServe's; one version here
-            return error_response(404, "ModelVersionNotFoundException",
-                                  f"Model version {rest.lstrip('/')} does not exist for model {self.model_name}")
+        # As TorchServe behind the HTTP front: the body's size first (nginx), then the token.
         try:
             body = await read_body(request, self.max_request_bytes)
         except TooLarge:
-            return error_response(413, "PayloadTooLarge",
-                                  f"the request body is over max_request_size ({self.max_request_bytes} bytes)")
+            return error_response(413, "PayloadTooLarge", f"the body is over the limit of {self.max_request_bytes} "
+                                                          "bytes of this server (max_request_size); send less")
+        if not authorized(request, self.key):
+            return json_response(400, TOKEN_ERROR)
+        version = request.url.path.rstrip("/")[len(f"/predictions/{self.model_name}"):].lstrip("/")
+        if version and version != self.version:  # /predictions/<model>/<version>: the archive's one version
+            return error_response(404, "ModelVersionNotFoundException",
+                                  f"Model version {version} does not exist for model {self.model_name}")
         try:
             parts, headers = await torchserve_request(request.headers, body)
         except ValueError:
             return error_response(400, "BadInput", "the multipart/form-data body cannot be parsed; "
                                                    "check its boundary and part headers")
         try:
-            reply = await self.answer_batch(Payload.from_request(parts, headers))
+            reply = await self.answer_batch(self.payload_of(parts, headers))
         except Exception:  # noqa: BLE001 - Worker.answer answers every request; this is our bug
             log.exception("%s: the batch failed outside the worker's error table", self.model_name)
             return error_response(500, "InternalError",
@@ -234,15 +234,26 @@ class TorchServeArchive:
 
 @serve.deployment
 class Front:
-    """``/``: ``GET /ping`` as TorchServe answers it, and TorchServe's 404 for any model not deployed."""
+    """``/``: ``GET /ping`` as TorchServe answers it, and TorchServe's 404 for any model not
+    deployed; the token first, as TorchServe checks it first."""
+
+    def __init__(self, key_file: str):
+        self.key = json.loads(Path(key_file).read_text())["inference"]["key"] if key_file else ""
 
     async def __call__(self, request: Request) -> Response:
+        if not authorized(request, self.key):
+            return json_response(400, TOKEN_ERROR)
         path = request.url.path.rstrip("/")
         if path == "/ping":
             return json_response(200, {"status": "Healthy"})
         if path.startswith("/predictions/"):
             return model_not_found(path.split("/")[2])
         return error_response(404, "ResourceNotFoundException", "Requested resource is not found, please refer to API document.")
+
+
+def authorized(request: Request, key: str) -> bool:
+    """``Authorization: Bearer <key>``, as TorchServe's token authorization reads it (no key: open)."""
+    return not key or hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {key}")
 
 
 def batching(config: dict) -> tuple[int, int]:
@@ -267,4 +278,5 @@ def model_app(args: dict):
 
 
 def front_app(args: dict):
-    return Front.bind()
+    """Serve's application builder for the front: ``args`` = {key_file}."""
+    return Front.bind(args.get("key_file", ""))

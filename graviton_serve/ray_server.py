@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 
 from graviton_serve.ray_cluster import (FRONT_APP, STOP_GRACE_S, RayError, applications, auth_token_file, deploy,
-                                        process_times, replicas, serve_config, signal_group, start_node, wait_running,
-                                        write_key_file)
+                                        process_times, processes_naming, replicas, serve_config, shutdown_serve,
+                                        signal_group, start_node, wait_running, write_key_file)
 
 
 class RayServer:
@@ -104,6 +104,8 @@ class RayServer:
             raise
 
     def stop(self) -> None:
+        """Serve's graceful shutdown (in-flight requests answered), then the node: SIGTERM to
+        ``ray start``, SIGKILL to what is left of it (recorded, descended, or naming its temp dir)."""
         try:
             state = json.loads(self.state_file.read_text())
         except (OSError, ValueError):
@@ -117,7 +119,14 @@ class RayServer:
             except psutil.NoSuchProcess:
                 pass
         if processes and processes[0].pid == state["pid"]:
-            signal_group(state["pid"], signal.SIGTERM)
+            shutdown_serve(state["dashboard"], self.token_file)
+            head = processes[0]
+            for pid in {child.pid for child in head.children(recursive=True)} | processes_naming(state["temp_dir"]):
+                try:
+                    processes.append(psutil.Process(pid))
+                except psutil.NoSuchProcess:
+                    pass
+            head.send_signal(signal.SIGTERM)
             _, alive = psutil.wait_procs(processes, timeout=STOP_GRACE_S)
             signal_group(state["pid"], signal.SIGKILL)
             for process in alive:

@@ -83,6 +83,21 @@ def _same_requests() -> list[tuple[str, str, bytes, dict]]:
 
 
 SAME_REQUESTS = _same_requests()
+# (label, method, path, body, with the key): what TorchServe's frontend and HTTP front answer themselves
+SAME_EDGE_REQUESTS = [
+    ("ping", "GET", "ping", b"", True),
+    ("ping without the key", "GET", "ping", b"", False),
+    ("unknown model", "POST", "predictions/resnet50", DIGIT, True),
+    ("unknown model without the key", "POST", "predictions/resnet50", DIGIT, False),
+    ("over max_request_size without the key", "POST", "predictions/mnist", b"\0" * (MAX_REQUEST_BYTES + 1), False),
+    ("the archive's version", "POST", "predictions/mnist/1.0", DIGIT, True),
+]
+
+
+def ask_edge(base_url: str, key: str, method: str, path: str, body: bytes, with_key: bool) -> tuple[int, object]:
+    reply = requests.request(method, f"{base_url}/{path}", data=body, timeout=120,
+                             headers={"Authorization": f"Bearer {key}"} if with_key else {})
+    return reply.status_code, reply.json()
 
 
 def ask(base_url: str, key: str, model: str, body: bytes, headers: dict, timeout: float = 120) -> requests.Response:
@@ -145,6 +160,7 @@ def torchserve_answers(archives, tmp_path_factory):
         base = server.url("inference", "").rstrip("/")
         answers = {label: (reply.status_code, reply.json()) for label, model, body, headers in SAME_REQUESTS
                    for reply in [ask(base, key, model, body, headers)]}
+        answers.update({label: ask_edge(base, key, *request) for label, *request in SAME_EDGE_REQUESTS})
     finally:
         under_test.stop()
     return answers, server.run_folder.precision_cache
@@ -199,6 +215,8 @@ class Cluster:
             node.stop()
         alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
         assert not alive, f"Ray processes left running: {alive}"
+        if self.nodes:  # HAProxy included: Ray restarts it on config changes, an old one may be reparented
+            assert not ray_cluster.processes_naming(self.head.temp_dir), "processes of the cluster left running"
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +254,12 @@ def test_scripts_serve_engine_ray_serves_the_store_and_stops_by_its_pids(archive
         assert reply.status_code == 200 and max(reply.json(), key=reply.json().get) == "7"
         assert [process.pid for process in server.replica_processes("mnist")]
         assert (server.run_folder.ray / "key_file.json").stat().st_mode & 0o077 == 0
+        # HAProxy's admin socket (mode 666) is in a folder only we may enter
+        assert (Path(state["temp_dir"]) / "p").stat().st_mode & 0o077 == 0
+        assert list((Path(state["temp_dir"]) / "p").glob("*/admin.sock"))
     finally:
         server.stop()
+    assert not ray_cluster.processes_naming(state["temp_dir"]), "processes of the cluster left running"
     assert not server.is_running()
     alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"Ray processes left running: {alive}"
@@ -257,6 +279,14 @@ def test_ray_serve_answers_what_torchserve_answers(cluster, torchserve_answers, 
     reply = ask(cluster.base, cluster.key, model, body, headers)
     assert reply.headers["content-type"] == "application/json"
     assert (reply.status_code, reply.json()) == answers[label]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("label", [label for label, *_ in SAME_EDGE_REQUESTS])
+def test_the_token_the_body_limit_ping_and_unknown_models_answer_as_on_torchserve(cluster, torchserve_answers, label):
+    answers, _ = torchserve_answers
+    request = next(request for request in SAME_EDGE_REQUESTS if request[0] == label)
+    assert ask_edge(cluster.base, cluster.key, *request[1:]) == answers[label]
 
 
 @pytest.mark.ray
@@ -290,7 +320,8 @@ def test_the_token_the_body_limit_and_unknown_models_answer_as_torchserve_does(c
         "code": 404, "type": "ModelNotFoundException", "message": "Model not found: resnet50"}
     too_large = ask(cluster.base, cluster.key, "mnist", b"\0" * (MAX_REQUEST_BYTES + 1), {})
     assert too_large.status_code == 413 and too_large.json()["type"] == "PayloadTooLarge"
-    assert requests.get(f"{cluster.base}/ping", timeout=30).json() == {"status": "Healthy"}
+    assert requests.get(f"{cluster.base}/ping", headers={"Authorization": f"Bearer {cluster.key}"},
+                        timeout=30).json() == {"status": "Healthy"}
 
 
 @pytest.mark.ray
