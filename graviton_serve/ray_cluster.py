@@ -103,17 +103,6 @@ def signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def process_times(pids: set[int]) -> list[list]:
-    """[pid, create time] of each process still there (a pid alone could be reused)."""
-    found = []
-    for pid in sorted(pids):
-        try:
-            found.append([pid, psutil.Process(pid).create_time()])
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
 def auth_token_file(folder: Path) -> Path:
     """The cluster's token (created once, mode 0600): every node and client reads it."""
     path = folder / "ray-auth-token"

@@ -13,8 +13,19 @@ from pathlib import Path
 import psutil
 
 from graviton_serve.ray_cluster import (FRONT_APP, STOP_GRACE_S, RayError, applications, auth_token_file, deploy,
-                                        process_times, processes_naming, replicas, serve_config, shutdown_serve,
+                                        processes_naming, replicas, serve_config, shutdown_serve,
                                         signal_group, start_node, wait_running, write_key_file)
+
+
+def process_times(pids: set[int]) -> list[list]:
+    """[pid, create time] of each process still there (a pid alone could be reused)."""
+    found = []
+    for pid in sorted(pids):
+        try:
+            found.append([pid, psutil.Process(pid).create_time()])
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 class RayServer:
@@ -79,7 +90,7 @@ class RayServer:
                 pass
         except OSError as error:
             raise RayError(f"cannot listen on {self.host}:{self.port} (inference_address): {error.strerror}; "
-                           "is TorchServe running there? (scripts/serve --stop)") from None
+                           "is another server listening there? (scripts/serve --stop stops TorchServe)") from None
         token = auth_token_file(self.folder)
         write_key_file(self.key_file)
         progress(f"starting a Ray head node ({cpus} CPUs, token auth on), logs in {self.folder}")
