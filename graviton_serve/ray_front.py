@@ -8,7 +8,8 @@ what TorchServe's frontend does before the worker sees it (``torchserve_request`
 one part, or a multipart/form body split into parts, each part decoded by its content type as
 TorchServe's worker decodes it), reads the body up to ``max_request_size``, checks the inference
 token, and hands the request to Ray Serve's ``@serve.batch``; each batch is one ``Worker.answer``
-(decode each, one forward, encode each, the one error table), run in a thread so the replica keeps gathering the next batch meanwhile.
+(decode each, one forward, encode each, the one error table), run in a thread so the replica
+keeps gathering the next batch meanwhile.
 
 A small ``front`` application at ``/`` answers ``GET /ping`` and TorchServe-shaped 404s for
 models that are not deployed. What differs from TorchServe (no gRPC, no management API, Ray's
