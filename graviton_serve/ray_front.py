@@ -137,10 +137,15 @@ async def torchserve_request(headers: Headers, body: bytes) -> tuple[dict, dict]
 
 def unpack(archive: Path) -> tuple[Path, dict]:
     """The archive unpacked into a fresh temporary folder, as TorchServe does; (folder, MANIFEST.json)."""
+    from graviton_serve.archive import unpack_archive
+
     folder = Path(tempfile.mkdtemp(prefix=f"gs-ray-{archive.stem}-"))
-    with zipfile.ZipFile(archive) as mar:
-        mar.extractall(folder)
-    return folder, json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())
+    return folder, unpack_archive(archive, folder)
+
+
+def inference_key(key_file: str) -> str:
+    """The inference key of a key file in TorchServe's shape; "" (no token check) without one."""
+    return json.loads(Path(key_file).read_text())["inference"]["key"] if key_file else ""
 
 
 def archive_worker(folder: Path, manifest: dict, model_name: str, device: str):
@@ -184,7 +189,7 @@ class TorchServeArchive:
 
         log_to_stderr()
         self.model_name, self.max_request_bytes = model_name, max_request_bytes
-        self.key = json.loads(Path(key_file).read_text())["inference"]["key"] if key_file else ""
+        self.key = inference_key(key_file)
         self.folder, manifest = unpack(Path(archive))
         self.version = str(manifest["model"].get("modelVersion", "1.0"))
         device = "cuda:0" if ray.get_gpu_ids() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gave
@@ -239,7 +244,7 @@ class Front:
     deployed; the token first, as TorchServe checks it first."""
 
     def __init__(self, key_file: str):
-        self.key = json.loads(Path(key_file).read_text())["inference"]["key"] if key_file else ""
+        self.key = inference_key(key_file)
 
     async def __call__(self, request: Request) -> Response:
         if not authorized(request, self.key):

@@ -15,6 +15,7 @@ import psutil
 from graviton_serve.ray_cluster import (FRONT_APP, STOP_GRACE_S, RayError, applications, auth_token_file, deploy,
                                         processes_naming, replicas, serve_config, shutdown_serve,
                                         signal_group, start_node, wait_running, write_key_file)
+from graviton_serve.stopping import stop_processes
 
 
 def process_times(pids: set[int]) -> list[list]:
@@ -132,19 +133,16 @@ class RayServer:
         if processes and processes[0].pid == state["pid"]:
             shutdown_serve(state["dashboard"], self.token_file)
             head = processes[0]
+            known = {process.pid for process in processes}
             for pid in {child.pid for child in head.children(recursive=True)} | processes_naming(state["temp_dir"]):
                 try:
-                    processes.append(psutil.Process(pid))
+                    if pid not in known:
+                        processes.append(psutil.Process(pid))
+                        known.add(pid)
                 except psutil.NoSuchProcess:
                     pass
-            head.send_signal(signal.SIGTERM)
-            _, alive = psutil.wait_procs(processes, timeout=STOP_GRACE_S)
+            stop_processes(processes, signal.SIGTERM, STOP_GRACE_S)  # SIGTERM to ray start alone, then kill
             signal_group(state["pid"], signal.SIGKILL)
-            for process in alive:
-                try:
-                    process.kill()
-                except psutil.NoSuchProcess:
-                    pass
         if state.get("temp_dir"):
             shutil.rmtree(state["temp_dir"], ignore_errors=True)
         self.state_file.unlink(missing_ok=True)
