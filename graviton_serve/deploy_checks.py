@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -22,7 +23,7 @@ ECS_TASKS = sorted((DEPLOY_DIR / "ecs").glob("*.json"))
 KUSTOMIZATIONS = [DEPLOY_DIR / "k8s" / "base", DEPLOY_DIR / "k8s" / "gpu"]
 KUBERNETES_VERSION = "1.32.0"  # EKS standard support at the time of writing
 KSERVE_RESOURCES = sorted((DEPLOY_DIR / "kserve").glob("*.yaml"))
-KSERVE_SDK = "kserve==0.21.0"
+KSERVE_SDK = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["kserve"][0]
 KSERVE_ENV = CACHE_DIR / "kserve-sdk-env"  # its own venv: the SDK's pins clash with ours
 
 

@@ -59,8 +59,8 @@ def main(argv: list[str]) -> int:
     for path in argv:
         for document in yaml.safe_load_all(open(path)):
             if document:
-                kind = document.get("kind")
-                problems += check(document, f"V1beta1{kind}", f"{path}:{kind}")
+                kind, version = document.get("kind"), str(document.get("apiVersion", "")).rpartition("/")[2]
+                problems += check(document, f"{version.capitalize()}{kind}", f"{path}:{kind}")
     for problem in problems:
         print(problem)
     return 1 if problems else 0

@@ -53,7 +53,9 @@ def test_ecs_task_definition_validates_against_the_ecs_api_model(task_file):
     assert {mapping["containerPort"] for mapping in container["portMappings"]} == PORTS
     assert container["healthCheck"]["command"] == ["CMD", *LIVE]
     assert container["stopTimeout"] > DRAIN_TIMEOUT_S
-    assert container["user"] == "1000:1000"
+    assert container["user"] == "1000:1000" and container["readonlyRootFilesystem"] is True
+    # A read-only root needs writable task volumes for the key file and logs, and /tmp.
+    assert {mount["containerPath"] for mount in container["mountPoints"]} == {"/home/model-server/run", "/tmp"}
     assert task["runtimePlatform"]["cpuArchitecture"] == "ARM64"
     assert container["logConfiguration"]["logDriver"] == "awslogs"
     if "gpu" in task_file.name:
@@ -94,14 +96,25 @@ def test_kubernetes_manifests_validate_against_the_openapi_schemas(folder):
 
 
 @pytest.mark.parametrize("resource", KSERVE_RESOURCES, ids=names(KSERVE_RESOURCES))
-def test_kserve_inference_service_validates_against_the_kserve_sdk_models(resource, tmp_path):
+def test_kserve_resources_validate_against_the_kserve_sdk_models(resource, tmp_path):
     assert validate_kserve(resource) == []
-    isvc = yaml.safe_load(resource.read_text())
-    assert isvc["spec"]["predictor"]["model"]["modelFormat"]["name"] == "pytorch"
-    assert isvc["spec"]["predictor"]["nodeSelector"]["kubernetes.io/arch"] == "arm64"
+    document = yaml.safe_load(resource.read_text())
+    runtime = yaml.safe_load((DEPLOY_DIR / "kserve" / "servingruntime.yaml").read_text())
+    if document["kind"] == "InferenceService":
+        assert document["spec"]["predictor"]["model"]["modelFormat"]["name"] == "pytorch"
+        assert document["spec"]["predictor"]["nodeSelector"]["kubernetes.io/arch"] == "arm64"
+        assert document["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
+        field = "minReplicas:"
+    else:
+        (container,) = document["spec"]["containers"]
+        assert container["command"] == ["python", "-m", "graviton_serve.kserve_runtime"]
+        assert {"name": "TS_SERVICE_ENVELOPE", "value": "{{.Labels.serviceEnvelope}}"} in container["env"]
+        assert container["securityContext"]["runAsUser"] == 1000
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        field = "protocolVersions:"
     broken = tmp_path / "broken.yaml"
-    broken.write_text(resource.read_text().replace("minReplicas:", "minReplica:"))
-    assert any("minReplica: no such field" in problem for problem in validate_kserve(broken))
+    broken.write_text(resource.read_text().replace(field, field.replace("s:", ":")))
+    assert any(f"{field[:-2]}: no such field" in problem for problem in validate_kserve(broken))
 
 
 def test_kserve_storage_config_serves_every_demo_model_one_request_per_batch():

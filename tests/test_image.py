@@ -41,19 +41,22 @@ NAME_PREFIX = f"gs-test-{os.getpid()}-"  # two suites on one machine never touch
 COMPARED = ["mnist", "bert_sentiment", "bert_fill_mask", "resnet50"]
 
 
-class RunningImage:
-    """One ``podman run -d`` of the image, hardened; ports published on free loopback ports."""
+HARDENED = ("--user=1000:1000", "--read-only", "--tmpfs=/tmp:rw,mode=1777", f"--tmpfs={HOME}/run:rw,mode=0700,U",
+            "--cap-drop=ALL", "--security-opt=no-new-privileges")
 
-    def __init__(self, engine: image.Podman, tag: str, name: str, *extra: str, command: tuple[str, ...] = ()):
+
+class RunningImage:
+    """One ``podman run -d`` of the image: ``hardening`` (default: the careful user's flags), then
+    ``extra``; the five ports published on free loopback ports."""
+
+    def __init__(self, engine: image.Podman, tag: str, name: str, *extra: str, command: tuple[str, ...] = (),
+                 hardening: tuple[str, ...] = HARDENED):
         self.engine, self.name = engine, f"{NAME_PREFIX}{name}"
         self.key_files: dict[str, dict] = {}
         self.ports = Ports.free()
         engine.run("rm", "--force", "--ignore", self.name)
         publish = [f"--publish=127.0.0.1:{getattr(self.ports, api)}:{port}" for api, port in INSIDE_PORTS.items()]
-        engine.run("run", "--detach", "--name", self.name, "--user", "1000:1000", "--read-only",
-                   "--tmpfs", "/tmp:rw,mode=1777", "--tmpfs", f"{HOME}/run:rw,mode=0700,U",
-                   "--cap-drop=ALL", "--security-opt=no-new-privileges", *publish, *extra, tag, *command,
-                   timeout=120)
+        engine.run("run", "--detach", "--name", self.name, *hardening, *publish, *extra, tag, *command, timeout=120)
 
     def logs(self) -> str:
         result = self.engine.run("logs", self.name, check=False, timeout=60)
@@ -126,8 +129,8 @@ def containers(engine, tag):
     """Start containers through this; at teardown each is removed, and nothing of ours may be left."""
     started: list[RunningImage] = []
 
-    def start(name: str, *extra: str, command: tuple[str, ...] = ()) -> RunningImage:
-        started.append(RunningImage(engine, tag, name, *extra, command=command))
+    def start(name: str, *extra: str, command: tuple[str, ...] = (), hardening: tuple[str, ...] = HARDENED) -> RunningImage:
+        started.append(RunningImage(engine, tag, name, *extra, command=command, hardening=hardening))
         return started[-1]
 
     yield start

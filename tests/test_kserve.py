@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import pytest
 import requests
 
+from graviton_serve.deploy_checks import DEPLOY_DIR
+from graviton_serve.kserve_wrapper import SettingsError, protocol_from_environment, torchserve_addresses
 from graviton_serve.paths import CONFIG_FILE
 from graviton_serve.server import TorchServe
-from graviton_serve.torchserve_config import Ports
+from graviton_serve.torchserve_config import ConfigError, Ports
 from tests.conftest import TESTS
 
 pytestmark = pytest.mark.integration
@@ -73,3 +76,40 @@ def test_v2_inputs_each_answered_in_place(v2_server, path):
     digit, junk = answer["outputs"]
     assert digit["name"] == "digit" and next(iter(digit["data"][0])) == "7"
     assert junk["name"] == "junk" and junk["data"][0]["code"] == 400
+
+
+KSERVE_CONFIG = DEPLOY_DIR / "kserve" / "config" / "config.properties"
+
+
+@pytest.mark.parametrize("environ, protocol", [
+    ({"TS_SERVICE_ENVELOPE": "kserve"}, "v1"),
+    ({"TS_SERVICE_ENVELOPE": "kservev2"}, "v2"),
+    ({"TS_SERVICE_ENVELOPE": "kservev2", "PROTOCOL_VERSION": "grpc-v2"}, "grpc-v2"),
+])
+def test_the_wrappers_protocol_follows_kserves_variables(environ, protocol):
+    assert protocol_from_environment(environ) == protocol
+
+
+@pytest.mark.parametrize("environ, named", [
+    ({}, "TS_SERVICE_ENVELOPE"),
+    ({"TS_SERVICE_ENVELOPE": "kserve", "PROTOCOL_VERSION": "v3"}, "PROTOCOL_VERSION='v3'"),
+    ({"TS_SERVICE_ENVELOPE": "kserve", "PROTOCOL_VERSION": "v2"}, "does not match TS_SERVICE_ENVELOPE=kserve"),
+])
+def test_a_protocol_setting_the_wrapper_cannot_serve_is_named(environ, named):
+    with pytest.raises(SettingsError, match=re.escape(named)):
+        protocol_from_environment(environ)
+
+
+def test_the_shipped_kserve_config_keeps_torchserve_off_the_model_servers_ports(tmp_path):
+    predictor, management, models = torchserve_addresses(KSERVE_CONFIG)
+    assert predictor == "127.0.0.1:8085" and management == "http://127.0.0.1:8086" and "bert_sentiment" in models
+    # The clash this config had: TorchServe's management API on 8081, where KServe's gRPC server binds.
+    clashing = tmp_path / "config.properties"
+    clashing.write_text(KSERVE_CONFIG.read_text().replace("127.0.0.1:8086", "127.0.0.1:8081"))
+    with pytest.raises(ConfigError, match="management_address uses port 8081, which KServe's ModelServer listens on"):
+        torchserve_addresses(clashing)
+    token_on = tmp_path / "token.properties"
+    token_on.write_text(KSERVE_CONFIG.read_text().replace("disable_token_authorization=true",
+                                                          "disable_token_authorization=false"))
+    with pytest.raises(ConfigError, match="disable_token_authorization must be true"):
+        torchserve_addresses(token_on)

@@ -1,0 +1,178 @@
+"""KServe's ModelServer in front of TorchServe: what KServe's TorchServe runtime runs beside
+``torchserve --start`` (TorchServe's own ``kubernetes/kserve/kserve_wrapper``), written against the
+``kserve`` package (pyproject extra ``kserve``) instead of carried over.
+
+    /opt/kserve/bin/python -m graviton_serve.kserve_wrapper    # started by graviton_serve.kserve_runtime
+
+It reads TorchServe's config (``CONFIG_PATH``, default KServe's ``/mnt/models/config/config.properties``):
+one KServe model per ``model_snapshot`` model, each forwarding to TorchServe's own KServe endpoints
+(``/v1/models/<m>:predict`` under ``service_envelope=kserve``, ``/v2/models/<m>/infer`` under
+``kservev2``). KServe's ModelServer serves REST v1/v2 on 8080 and gRPC v2 on 8081, as TorchServe's
+wrapper does; a gRPC v2 call goes on to TorchServe over REST v2 (KServe converts both ways).
+
+The protocol is KServe's ``PROTOCOL_VERSION`` (v1, v2, grpc-v2), else the one ``TS_SERVICE_ENVELOPE``
+implies (kserve → v1, kservev2 → v2). Errors: a setting TorchServe's side cannot be served with is
+named at start (exit 2). A request TorchServe refuses as a whole (4xx) is KServe's 400 with
+TorchServe's message; an instance TorchServe refuses is answered in place inside a 200, as
+TorchServe's envelope puts it.
+
+Only the standard library, ``kserve`` and this package's ``torchserve_config`` are imported: this
+runs in its own venv (KServe's pins clash with TorchServe's side).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+from graviton_serve.torchserve_config import ConfigError, listen_address, read_properties
+
+KSERVE_CONFIG = Path("/mnt/models/config/config.properties")  # KServe's storage layout
+# KServe's protocol names for TorchServe's envelopes; gRPC v2 reaches TorchServe as REST v2.
+PROTOCOL_OF_ENVELOPE = {"kserve": "v1", "kservev2": "v2"}
+PROTOCOLS = ("v1", "v2", "grpc-v2")
+# KServe's ModelServer ports in the runtime (its defaults; TorchServe's wrapper uses the same).
+WRAPPER_PORTS = (8080, 8081)
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def protocol_from_environment(environ: dict[str, str]) -> str:
+    """KServe's protocol: PROTOCOL_VERSION, else what TS_SERVICE_ENVELOPE implies; errors name the variable."""
+    protocol = environ.get("PROTOCOL_VERSION", "").strip()
+    envelope = environ.get("TS_SERVICE_ENVELOPE", "").strip()
+    if protocol and protocol not in PROTOCOLS:
+        raise SettingsError(f"PROTOCOL_VERSION={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    if envelope not in PROTOCOL_OF_ENVELOPE:
+        raise SettingsError(f"TS_SERVICE_ENVELOPE={envelope!r}: expected kserve (protocol v1) or kservev2 (v2, "
+                            f"grpc-v2); KServe sets it from the InferenceService's protocolVersion")
+    implied = PROTOCOL_OF_ENVELOPE[envelope]
+    if protocol and (protocol == "v1") != (implied == "v1"):
+        raise SettingsError(f"PROTOCOL_VERSION={protocol} does not match TS_SERVICE_ENVELOPE={envelope} "
+                            f"(which answers protocol {implied})")
+    return protocol or implied
+
+
+def torchserve_addresses(config: Path) -> tuple[str, str, list[str]]:
+    """(inference host:port, management base URL, model names) from TorchServe's config, checked
+    for what this wrapper needs: token auth off (TorchServe is reached on the pod's loopback only),
+    and no TorchServe listener on the wrapper's own ports."""
+    properties = read_properties(config)
+    inference = listen_address(properties, "inference_address")
+    management = listen_address(properties, "management_address")
+    if properties.get("disable_token_authorization", "false").strip().lower() != "true":
+        raise ConfigError(f"{config}: disable_token_authorization must be true for the KServe runtime: KServe's "
+                          f"wrapper sends no TorchServe token (bind TorchServe to 127.0.0.1; KServe's ingress "
+                          f"authenticates)")
+    taken = {"inference_address": inference[1], "management_address": management[1],
+             "metrics_address": listen_address(properties, "metrics_address")[1],
+             "grpc_inference_port": int(properties.get("grpc_inference_port", "7070")),
+             "grpc_management_port": int(properties.get("grpc_management_port", "7071"))}
+    for key, port in taken.items():
+        if port in WRAPPER_PORTS:
+            raise ConfigError(f"{config}: {key} uses port {port}, which KServe's ModelServer listens on "
+                              f"(REST {WRAPPER_PORTS[0]}, gRPC {WRAPPER_PORTS[1]}); move it (e.g. 8085, 8086)")
+    models = list(json.loads(properties.get("model_snapshot", "{}") or "{}").get("models", {}))
+    if not models:
+        raise ConfigError(f"{config}: model_snapshot names no model (KServe's wrapper serves the snapshot's models)")
+    host = "127.0.0.1" if inference[0] in ("0.0.0.0", "[::]") else inference[0]
+    management_host = "127.0.0.1" if management[0] in ("0.0.0.0", "[::]") else management[0]
+    return f"{host}:{inference[1]}", f"http://{management_host}:{management[1]}", models
+
+
+def worker_ready(management_url: str, model: str) -> bool:
+    """True if TorchServe's management API shows a READY worker for ``model``."""
+    try:
+        with urllib.request.urlopen(f"{management_url}/models/{model}", timeout=10) as reply:
+            described = json.load(reply)
+    except (OSError, ValueError):
+        return False
+    return any(worker.get("status") == "READY" for worker in described[0].get("workers", []))
+
+
+def bytes_as_json_text(answer: dict) -> dict:
+    """TorchServe's kservev2 envelope puts each answer (a JSON object) as it is into a BYTES output;
+    the v2 protocol's BYTES elements are strings (KServe would turn an object into its Python
+    repr), so each becomes its JSON text: ``json.loads(element)`` gives the answer back."""
+    for output in answer.get("outputs", []):
+        if output.get("datatype") == "BYTES":
+            output["data"] = [item if isinstance(item, str) else json.dumps(item) for item in output.get("data", [])]
+    return answer
+
+
+def v2_json(request) -> dict:
+    """A KServe ``InferRequest`` (from v2 REST or gRPC, where BYTES arrive as raw bytes) as the v2
+    JSON TorchServe's kservev2 envelope reads: BYTES elements as UTF-8 text."""
+    from kserve.errors import InvalidInput
+
+    inputs = []
+    for item in request.inputs:
+        data = item.as_numpy().flatten().tolist()
+        try:
+            data = [element.decode() if isinstance(element, bytes) else element for element in data]
+        except UnicodeDecodeError:
+            raise InvalidInput(f"input {item.name!r}: BYTES elements must be UTF-8 text (base64 for images)") from None
+        inputs.append({"name": item.name, "shape": list(item.shape), "datatype": item.datatype, "data": data})
+    return {"id": request.id, "inputs": inputs}
+
+
+def serve(config: Path, protocol: str) -> None:
+    import httpx
+    from kserve import Model, ModelServer
+    from kserve.errors import InvalidInput
+    from kserve.protocol.infer_type import InferRequest, InferResponse
+
+    predictor_host, management_url, names = torchserve_addresses(config)
+    client = httpx.AsyncClient(base_url=f"http://{predictor_host}", timeout=600)
+
+    class TorchServeModel(Model):
+        """One TorchServe model behind KServe's ModelServer: each request goes to TorchServe's
+        KServe endpoint for the protocol (v1 body as it came; v2 and gRPC v2 as v2 JSON)."""
+
+        def load(self) -> bool:
+            self.ready = worker_ready(management_url, self.name)
+            return self.ready
+
+        async def predict(self, payload, headers=None, response_headers=None):
+            if protocol == "v1":
+                return await self.call(f"/v1/models/{self.name}:predict", payload)
+            request = payload if isinstance(payload, InferRequest) else InferRequest.from_grpc(payload)
+            answer = await self.call(f"/v2/models/{self.name}/infer", v2_json(request))
+            return InferResponse.from_rest(bytes_as_json_text(answer))
+
+        async def call(self, path: str, body: dict) -> dict:
+            reply = await client.post(path, json=body)
+            if 400 <= reply.status_code < 500:  # the client's request as a whole, as TorchServe judged it
+                raise InvalidInput(f"TorchServe answered {reply.status_code}: {reply.text[:500]}")
+            reply.raise_for_status()
+            return reply.json()
+
+    models = [TorchServeModel(name) for name in names]
+    for model in models:
+        model.load()
+    not_ready = [model.name for model in models if not model.ready]
+    if not_ready:
+        raise SettingsError(f"TorchServe has no READY worker for {', '.join(not_ready)} at {management_url}")
+    logging.info("KServe wrapper: %s over protocol %s, TorchServe at %s", ", ".join(names), protocol, predictor_host)
+    ModelServer().start(models)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO)
+    try:
+        protocol = protocol_from_environment(dict(os.environ))
+        serve(Path(os.environ.get("CONFIG_PATH") or KSERVE_CONFIG), protocol)
+    except (SettingsError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
