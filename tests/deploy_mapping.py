@@ -92,7 +92,7 @@ def ecs_run_arguments(task: dict, volume_prefix: str) -> tuple[list[str], list[i
 def serving_runtime_arguments(runtime: dict, labels: dict[str, str]) -> tuple[list[str], list[int]]:
     """``podman run`` arguments for a KServe ServingRuntime's one container (before the image) and
     its container ports. ``{{.Labels.x}}`` in env values is filled from ``labels``, as KServe's
-    controller does; emptyDir volumes are empty tmpfs folders; KServe's storage mount
+    controller does; emptyDir volumes are empty tmpfs folders the user can write; KServe's storage mount
     (/mnt/models) is the test's to add."""
     (container,) = runtime["spec"]["containers"]
     empty_dirs = {volume["name"] for volume in runtime["spec"].get("volumes", []) if "emptyDir" in volume}
@@ -119,5 +119,7 @@ def serving_runtime_arguments(runtime: dict, labels: dict[str, str]) -> tuple[li
     for mount in container.get("volumeMounts", []):
         if mount["name"] not in empty_dirs:
             raise KeyError(f"volumeMounts: {mount['name']!r} is not an emptyDir volume of the runtime")
-        arguments.append(f"--tmpfs={mount['mountPath']}:rw,mode=0777")
+        # Empty and writable by the container's user, as an emptyDir (podman 4.3.1 gives a tmpfs the
+        # mode of the image's folder under it, hence U: owned by the user instead).
+        arguments.append(f"--tmpfs={mount['mountPath']}:rw,mode=0777,U")
     return arguments, [port["containerPort"] for port in container.get("ports", [])]

@@ -44,7 +44,9 @@ REASON = image.unavailable_reason() or (None if shutil.which("kubectl") else "ku
 pytestmark = [pytest.mark.integration, pytest.mark.container,
               pytest.mark.skipif(REASON is not None, reason=f"deployment engine tests: {REASON}")]
 
-KUBE_PREFIX = f"{NAME_PREFIX}k8s-"  # kustomize's namePrefix: every pod and container this test plays
+# Every pod, container and volume the Kubernetes test plays (apart from NAME_PREFIX, whose check at
+# the containers fixture's teardown would see pods that are still up).
+KUBE_PREFIX = f"gs-k8s-{os.getpid()}-"
 KSERVE_MODELS = ["mnist", "bert_sentiment"]
 DIGIT = base64.b64encode((TESTS / "data" / "digit.png").read_bytes()).decode()
 
@@ -90,7 +92,7 @@ def answers_across_a_stop(container, stop, count: int = 6, model: str = "densene
 
     with ThreadPoolExecutor(count) as pool:
         replies = [pool.submit(post) for _ in range(count)]
-        time.sleep(0.5)
+        time.sleep(0.3)
         stopping = time.monotonic()
         stopper = threading.Thread(target=stop)
         stopper.start()
@@ -197,7 +199,14 @@ def test_stopping_a_pod_answers_its_requests_in_flight(deployment, engine):
     spec, pods = deployment
     pod = pods[-1]
     grace = spec["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]  # podman 4.3.1 does not read it
-    stop = lambda: engine.run("pod", "stop", "--time", str(grace), pod.pod, timeout=grace + 60)  # noqa: E731
+
+    def stop() -> None:
+        # As a kubelet stops a pod: its containers first (SIGTERM, up to the grace period), then the
+        # sandbox. (`podman pod stop` stops the infra container alongside, taking the pod's network
+        # away while the drain is still answering.)
+        engine.run("stop", "--time", str(grace), pod.name, timeout=grace + 60)
+        engine.run("pod", "stop", pod.pod, timeout=120)
+
     answered, after_stop = answers_across_a_stop(pod, stop)
     assert [reply.status_code for reply in answered] == [200] * len(answered)
     assert after_stop > 0, "no request was still in flight when the stop began"
@@ -213,8 +222,9 @@ def test_stopping_a_pod_answers_its_requests_in_flight(deployment, engine):
 def kserve_storage(folder: Path) -> Path:
     """KServe's /mnt/models: config/config.properties (deploy/kserve's, its snapshot cut to
     KSERVE_MODELS) and model-store/ with those archives."""
-    (folder / "config").mkdir(parents=True)
-    (folder / "model-store").mkdir()
+    folder.chmod(0o755)  # readable by the container's uid 1000, as KServe's storage initializer leaves it
+    (folder / "config").mkdir(mode=0o755, parents=True)
+    (folder / "model-store").mkdir(mode=0o755)
     properties = read_properties(DEPLOY_DIR / "kserve" / "config" / "config.properties")
     snapshot = json.loads(properties["model_snapshot"])
     snapshot["models"] = {name: snapshot["models"][name] for name in KSERVE_MODELS}

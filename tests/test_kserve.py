@@ -113,3 +113,22 @@ def test_the_shipped_kserve_config_keeps_torchserve_off_the_model_servers_ports(
                                                           "disable_token_authorization=false"))
     with pytest.raises(ConfigError, match="disable_token_authorization must be true"):
         torchserve_addresses(token_on)
+
+
+@pytest.mark.parametrize("environ, named", [
+    ({}, "TS_SERVICE_ENVELOPE"),
+    ({"TS_SERVICE_ENVELOPE": "kserve", "GS_KSERVE_PYTHON": "/nonexistent/python"}, "GS_KSERVE_PYTHON=/nonexistent"),
+])
+def test_the_kserve_runtime_names_a_bad_setting_before_anything_starts(tmp_path, monkeypatch, capsys, mnist_mar,
+                                                                       environ, named):
+    from graviton_serve import kserve_runtime
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / mnist_mar.name).symlink_to(mnist_mar)
+    for variable in ("TS_SERVICE_ENVELOPE", "PROTOCOL_VERSION", "GS_KSERVE_PYTHON"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in {"GS_MODEL_STORE": str(tmp_path / "store"), "GS_CONFIG": str(KSERVE_CONFIG),
+                            "GS_RUN_DIR": str(tmp_path / "run"), **environ}.items():
+        monkeypatch.setenv(variable, value)
+    assert kserve_runtime.main() == 2
+    assert named in capsys.readouterr().err
