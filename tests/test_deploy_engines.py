@@ -310,6 +310,26 @@ def test_kserve_v2_over_rest_and_grpc_answers_each_input_as_json_text(kserve):
     assert sentence["label"] in ("negative", "neutral", "positive") and empty["type"] == "BadInput"
 
 
+def test_kserve_runtime_stop_answers_the_requests_in_flight_through_the_model_server(kserve, engine):
+    """SIGTERM reaches the runtime (PID 1): TorchServe drains while KServe's ModelServer keeps
+    forwarding, then the ModelServer stops; the container exits 0."""
+    container = kserve["v1"]
+    sentence = "The train was late again, but the staff were kind and the coffee was good. " * 6
+    body = {"instances": [{"data": f"{index}: {sentence}"} for index in range(120)]}
+    url = container.url("inference", "v1/models/bert_sentiment:predict")
+    with ThreadPoolExecutor(3) as pool:
+        replies = [pool.submit(post_json, url, body) for _ in range(3)]
+        time.sleep(0.3)
+        engine.run("stop", "--time", "60", container.name, timeout=180)
+        answered = [reply.result() for reply in replies]
+    assert [reply.status_code for reply in answered] == [200] * 3
+    assert all(len(reply.json()["predictions"]) == 120 for reply in answered)
+    assert container.state("ExitCode") == "0", container.logs()[-2000:]
+    stopping = [line for line in container.logs().splitlines() if "drain" in line or "exits with" in line]
+    print(f"KServe runtime stop: {stopping}")
+    assert any("drained: every request answered" in line for line in stopping)
+
+
 # --- ECS: task-cpu.json's container, mapped to podman run ------------------------------------------------
 
 
