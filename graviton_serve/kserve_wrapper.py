@@ -13,8 +13,9 @@ wrapper does; a gRPC v2 call goes on to TorchServe over REST v2 (KServe converts
 The protocol is KServe's ``PROTOCOL_VERSION`` (v1, v2, grpc-v2), else the one ``TS_SERVICE_ENVELOPE``
 implies (kserve → v1, kservev2 → v2). Errors: a setting TorchServe's side cannot be served with is
 named at start (exit 2). A request TorchServe refuses as a whole (4xx) is KServe's 400 with
-TorchServe's message; an instance TorchServe refuses is answered in place inside a 200, as
-TorchServe's envelope puts it.
+TorchServe's message, TorchServe's 503 (queue full, worker down) KServe's 503; an instance
+TorchServe refuses is answered in place inside a 200, as TorchServe's envelope puts it. v2 BYTES
+answers come back as JSON text (``bytes_as_json_text``).
 
 Only the standard library, ``kserve`` and this package's ``torchserve_config`` are imported: this
 runs in its own venv (KServe's pins clash with TorchServe's side).
@@ -125,7 +126,7 @@ def v2_json(request) -> dict:
 def serve(config: Path, protocol: str) -> None:
     import httpx
     from kserve import Model, ModelServer
-    from kserve.errors import InvalidInput
+    from kserve.errors import InvalidInput, ModelNotReady
     from kserve.protocol.infer_type import InferRequest, InferResponse
 
     predictor_host, management_url, names = torchserve_addresses(config)
@@ -150,7 +151,9 @@ def serve(config: Path, protocol: str) -> None:
             reply = await client.post(path, json=body)
             if 400 <= reply.status_code < 500:  # the client's request as a whole, as TorchServe judged it
                 raise InvalidInput(f"TorchServe answered {reply.status_code}: {reply.text[:500]}")
-            reply.raise_for_status()
+            if reply.status_code == 503:  # TorchServe's queue is full or its worker is down: retry later
+                raise ModelNotReady(self.name, f"TorchServe answered 503: {reply.text[:500]}")
+            reply.raise_for_status()  # any other status is a fault on the server's side: KServe's 500
             return reply.json()
 
     models = [TorchServeModel(name) for name in names]
