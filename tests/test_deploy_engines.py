@@ -298,6 +298,12 @@ def test_kserve_v2_over_rest_and_grpc_answers_each_input_as_json_text(kserve):
     assert digit["name"] == "digit" and digit["datatype"] == "BYTES"
     assert next(iter(json.loads(digit["data"][0]))) == "7"
     assert json.loads(junk["data"][0])["code"] == 400
+    text = post_json(container.url("inference", "v2/models/bert_sentiment/infer"), {"inputs": [
+        {"name": "review", "shape": [1], "datatype": "BYTES", "data": ["Terrible service, I want a refund."]},
+        {"name": "nothing", "shape": [1], "datatype": "BYTES", "data": [""]}]})
+    print(f"KServe v2 REST bert_sentiment: {text.status_code} {text.text[:500]}")
+    review, nothing = (json.loads(output["data"][0]) for output in text.json()["outputs"])
+    assert review["label"] in ("negative", "neutral", "positive") and nothing["type"] == "BadInput"
     # gRPC v2 on the ModelServer's gRPC port (8081, published as the "management" port), with KServe's own client.
     grpc_url = f"127.0.0.1:{container.ports.management}"
     called = subprocess.run([str(kserve_python()), str(TESTS / "kserve_grpc_call.py"), grpc_url, "bert_sentiment",
@@ -308,6 +314,11 @@ def test_kserve_v2_over_rest_and_grpc_answers_each_input_as_json_text(kserve):
     assert reply["id"] == "grpc-1" and [output["name"] for output in reply["outputs"]] == ["in0", "in1"]
     sentence, empty = (json.loads(output["data"][0]) for output in reply["outputs"])
     assert sentence["label"] in ("negative", "neutral", "positive") and empty["type"] == "BadInput"
+    image = subprocess.run([str(kserve_python()), str(TESTS / "kserve_grpc_call.py"), grpc_url, "mnist", "grpc-2",
+                            DIGIT, "not an image"], capture_output=True, text=True, timeout=180)
+    print(f"KServe gRPC v2 mnist: {image.stdout.strip()[:300]}")
+    digit, junk = (json.loads(output["data"][0]) for output in json.loads(image.stdout)["outputs"])
+    assert next(iter(digit)) == "7" and junk["type"] == "BadInput"
 
 
 def test_kserve_runtime_stop_answers_the_requests_in_flight_through_the_model_server(kserve, engine):
