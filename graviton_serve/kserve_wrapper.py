@@ -14,8 +14,10 @@ The protocol is KServe's ``PROTOCOL_VERSION`` (v1, v2, grpc-v2), else the one ``
 implies (kserve → v1, kservev2 → v2). Errors: a setting TorchServe's side cannot be served with is
 named at start (exit 2). A request TorchServe refuses as a whole (4xx) is KServe's 400 with
 TorchServe's message, TorchServe's 503 (queue full, worker down) KServe's 503; an instance
-TorchServe refuses is answered in place inside a 200, as TorchServe's envelope puts it. v2 BYTES
-answers come back as JSON text (``bytes_as_json_text``).
+TorchServe refuses is answered in place inside a 200, as TorchServe's envelope puts it. In v2 each
+element of a BYTES tensor is one item, answered in its place as the answer's JSON text
+(``v2_rows``/``v2_outputs``); an empty request, a body for the other protocol, or data that does not
+fit its datatype and shape is a 400 that names the input, never its data.
 
 Only the standard library, ``kserve`` and this package's ``torchserve_config`` are imported: this
 runs in its own venv (KServe's pins clash with TorchServe's side).
@@ -97,30 +99,54 @@ def worker_ready(management_url: str, model: str) -> bool:
     return any(worker.get("status") == "READY" for worker in described[0].get("workers", []))
 
 
-def bytes_as_json_text(answer: dict) -> dict:
-    """TorchServe's kservev2 envelope puts each answer (a JSON object) as it is into a BYTES output;
-    the v2 protocol's BYTES elements are strings (KServe would turn an object into its Python
-    repr), so each becomes its JSON text: ``json.loads(element)`` gives the answer back."""
-    for output in answer.get("outputs", []):
-        if output.get("datatype") == "BYTES":
-            output["data"] = [item if isinstance(item, str) else json.dumps(item) for item in output.get("data", [])]
-    return answer
+def v2_rows(inputs: list[dict]) -> tuple[list[dict], list[int]]:
+    """v2 inputs as the rows TorchServe's kservev2 envelope answers one each: a BYTES tensor of N
+    elements (N images or texts) becomes N rows of shape [1] (the envelope would hand the handler
+    the whole list as one item and answer once); any other tensor stays one row. Returns the rows
+    and how many rows each input became (``v2_outputs`` joins their answers back)."""
+    rows, counts = [], []
+    for item in inputs:
+        elements = item["data"] if item["datatype"] == "BYTES" else [item["data"]]
+        rows += [{**item, "shape": [1], "data": [element]} if item["datatype"] == "BYTES" else item
+                 for element in elements]
+        counts.append(len(elements))
+    return rows, counts
 
 
-def v2_json(request) -> dict:
-    """A KServe ``InferRequest`` (from v2 REST or gRPC, where BYTES arrive as raw bytes) as the v2
-    JSON TorchServe's kservev2 envelope reads: BYTES elements as UTF-8 text."""
+def v2_outputs(outputs: list[dict], inputs: list[dict], counts: list[int]) -> list[dict]:
+    """TorchServe's answers to ``v2_rows``' rows joined back: one output per input, named after it,
+    shape [N] for a BYTES tensor of N elements, each element the answer's JSON text (the protocol's
+    BYTES are strings; KServe would turn an object into its Python repr)."""
+    joined, start = [], 0
+    for item, count in zip(inputs, counts):
+        answers = [element for output in outputs[start:start + count] for element in output.get("data", [])]
+        start += count
+        joined.append({"name": item["name"], "datatype": "BYTES", "shape": [len(answers)],
+                       "data": [answer if isinstance(answer, str) else json.dumps(answer) for answer in answers]})
+    return joined
+
+
+def v2_inputs(request) -> list[dict]:
+    """A KServe ``InferRequest`` (v2 REST or gRPC, where BYTES arrive as raw bytes) as v2 JSON
+    inputs, BYTES elements as UTF-8 text. Errors: InvalidInput naming the input (never its data)."""
     from kserve.errors import InvalidInput
 
+    if not request.inputs:
+        raise InvalidInput("the request has no inputs: send at least one in \"inputs\"")
     inputs = []
     for item in request.inputs:
-        data = item.as_numpy().flatten().tolist()
         try:
+            data = item.as_numpy().flatten().tolist()
             data = [element.decode() if isinstance(element, bytes) else element for element in data]
         except UnicodeDecodeError:
             raise InvalidInput(f"input {item.name!r}: BYTES elements must be UTF-8 text (base64 for images)") from None
+        except (ValueError, TypeError):
+            raise InvalidInput(f"input {item.name!r}: its data does not fit datatype {item.datatype} and shape "
+                               f"{list(item.shape)}") from None
+        if not data:
+            raise InvalidInput(f"input {item.name!r} is empty: send at least one element")
         inputs.append({"name": item.name, "shape": list(item.shape), "datatype": item.datatype, "data": data})
-    return {"id": request.id, "inputs": inputs}
+    return inputs
 
 
 def serve(config: Path, protocol: str) -> None:
@@ -142,17 +168,30 @@ def serve(config: Path, protocol: str) -> None:
 
         async def predict(self, payload, headers=None, response_headers=None):
             if protocol == "v1":
+                if not isinstance(payload, dict):
+                    raise InvalidInput(f"this runtime serves KServe protocol v1 (TS_SERVICE_ENVELOPE=kserve): POST "
+                                       f"{{\"instances\": [...]}} to /v1/models/{self.name}:predict")
+                if not isinstance(payload.get("instances"), list) or not payload["instances"]:
+                    raise InvalidInput("a v1 request needs \"instances\": a list of at least one instance")
                 return await self.call(f"/v1/models/{self.name}:predict", payload)
+            if isinstance(payload, dict):
+                raise InvalidInput(f"this runtime serves KServe protocol v2 (TS_SERVICE_ENVELOPE=kservev2): POST "
+                                   f"{{\"inputs\": [...]}} to /v2/models/{self.name}/infer, or use gRPC v2")
             request = payload if isinstance(payload, InferRequest) else InferRequest.from_grpc(payload)
-            answer = await self.call(f"/v2/models/{self.name}/infer", v2_json(request))
-            return InferResponse.from_rest(bytes_as_json_text(answer))
+            inputs = v2_inputs(request)
+            rows, counts = v2_rows(inputs)
+            answer = await self.call(f"/v2/models/{self.name}/infer", {"id": request.id, "inputs": rows})
+            answer["outputs"] = v2_outputs(answer.get("outputs", []), inputs, counts)
+            return InferResponse.from_rest(answer)
 
         async def call(self, path: str, body: dict) -> dict:
             reply = await client.post(path, json=body)
             if 400 <= reply.status_code < 500:  # the client's request as a whole, as TorchServe judged it
                 raise InvalidInput(f"TorchServe answered {reply.status_code}: {reply.text[:500]}")
             if reply.status_code == 503:  # TorchServe's queue is full or its worker is down: retry later
-                raise ModelNotReady(self.name, f"TorchServe answered 503: {reply.text[:500]}")
+                busy = ModelNotReady(self.name, f"TorchServe answered 503: {reply.text[:500]}")
+                busy.reason = str(busy)  # KServe's gRPC error path reads .reason, which ModelNotReady lacks
+                raise busy
             reply.raise_for_status()  # any other status is a fault on the server's side: KServe's 500
             return reply.json()
 

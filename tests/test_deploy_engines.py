@@ -280,8 +280,12 @@ def test_kserve_v1_answers_each_instance_in_place(kserve):
     print(f"KServe v1 bert_sentiment: {text.status_code} {text.text[:400]}")
     sentence, blank = text.json()["predictions"]
     assert sentence["label"] in ("negative", "neutral", "positive") and blank["type"] == "BadInput"
-    malformed = post_json(url("mnist"), {"instances": "not a list"})
-    assert malformed.status_code == 400 and "instances" in malformed.json()["error"]
+    for malformed in ({"instances": "not a list"}, {"instances": []}, {"inputs": [DIGIT]}):
+        refused = post_json(url("mnist"), malformed)
+        assert refused.status_code == 400 and "instances" in refused.json()["error"], refused.text
+    other_protocol = post_json(container.url("inference", "v2/models/mnist/infer"), {"inputs": [
+        {"name": "digit", "shape": [1], "datatype": "BYTES", "data": [DIGIT]}]})
+    assert other_protocol.status_code == 400 and "protocol v1" in other_protocol.json()["error"]
     assert requests.get(container.url("inference", "v1/models/nope"), timeout=30).status_code == 404
     assert requests.get(container.url("inference", "v1/models/mnist"), timeout=30).json() == {"name": "mnist",
                                                                                                   "ready": True}
@@ -298,12 +302,22 @@ def test_kserve_v2_over_rest_and_grpc_answers_each_input_as_json_text(kserve):
     assert digit["name"] == "digit" and digit["datatype"] == "BYTES"
     assert next(iter(json.loads(digit["data"][0]))) == "7"
     assert json.loads(junk["data"][0])["code"] == 400
+    # A BYTES tensor of three texts: each answered in its place, the empty one with its error.
     text = post_json(container.url("inference", "v2/models/bert_sentiment/infer"), {"inputs": [
-        {"name": "review", "shape": [1], "datatype": "BYTES", "data": ["Terrible service, I want a refund."]},
-        {"name": "nothing", "shape": [1], "datatype": "BYTES", "data": [""]}]})
+        {"name": "reviews", "shape": [3], "datatype": "BYTES",
+         "data": ["Terrible service, I want a refund.", "", "Lovely staff and a great view."]}]})
     print(f"KServe v2 REST bert_sentiment: {text.status_code} {text.text[:500]}")
-    review, nothing = (json.loads(output["data"][0]) for output in text.json()["outputs"])
-    assert review["label"] in ("negative", "neutral", "positive") and nothing["type"] == "BadInput"
+    (reviews,) = text.json()["outputs"]
+    assert reviews["name"] == "reviews" and reviews["shape"] == [3]
+    first, empty, third = (json.loads(element) for element in reviews["data"])
+    assert first["label"] in ("negative", "neutral", "positive") and third["label"] in ("negative", "neutral", "positive")
+    assert empty["type"] == "BadInput"
+    for malformed, named in (({"inputs": []}, "no inputs"),
+                             ({"inputs": [{"name": "n", "shape": [1], "datatype": "INT32", "data": ["a"]}]}, "'n'"),
+                             ({"instances": [DIGIT]}, "protocol v2")):
+        refused = post_json(container.url("inference", "v2/models/mnist/infer"
+                                          if "inputs" in malformed else "v1/models/mnist:predict"), malformed)
+        assert refused.status_code == 400 and named in refused.json()["error"], refused.text
     # gRPC v2 on the ModelServer's gRPC port (8081, published as the "management" port), with KServe's own client.
     grpc_url = f"127.0.0.1:{container.ports.management}"
     called = subprocess.run([str(kserve_python()), str(TESTS / "kserve_grpc_call.py"), grpc_url, "bert_sentiment",

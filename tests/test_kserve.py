@@ -132,3 +132,20 @@ def test_the_kserve_runtime_names_a_bad_setting_before_anything_starts(tmp_path,
         monkeypatch.setenv(variable, value)
     assert kserve_runtime.main() == 2
     assert named in capsys.readouterr().err
+
+
+def test_each_element_of_a_v2_bytes_tensor_is_one_row_and_its_answers_join_back_in_order():
+    from graviton_serve.kserve_wrapper import v2_outputs, v2_rows
+
+    inputs = [{"name": "pair", "shape": [2], "datatype": "BYTES", "data": ["good", "bad"]},
+              {"name": "pixels", "shape": [1, 2], "datatype": "FP32", "data": [0.5, 0.25]}]
+    rows, counts = v2_rows(inputs)
+    assert counts == [2, 1]
+    assert [row["data"] for row in rows] == [["good"], ["bad"], [0.5, 0.25]]
+    assert [row["shape"] for row in rows] == [[1], [1], [1, 2]]
+    answers = [{"name": "pair", "data": [{"label": "positive"}]}, {"name": "pair", "data": [{"label": "negative"}]},
+               {"name": "pixels", "data": [{"code": 400, "type": "BadInput"}]}]
+    pair, pixels = v2_outputs(answers, inputs, counts)
+    assert pair == {"name": "pair", "datatype": "BYTES", "shape": [2],
+                    "data": ['{"label": "positive"}', '{"label": "negative"}']}
+    assert pixels["shape"] == [1] and json.loads(pixels["data"][0])["code"] == 400
