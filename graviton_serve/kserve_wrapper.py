@@ -149,6 +149,20 @@ def v2_inputs(request) -> list[dict]:
     return inputs
 
 
+def v1_json(body: bytes | str) -> dict:
+    """A v1 body KServe did not decode (sent without Content-Type: application/json, as ``curl -d``
+    sends it) read as JSON. Errors: InvalidInput saying what to send."""
+    from kserve.errors import InvalidInput
+
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("the body is not JSON: send {\"instances\": [...]} as application/json") from None
+    if not isinstance(payload, dict):
+        raise InvalidInput("the body is JSON but not an object: send {\"instances\": [...]}")
+    return payload
+
+
 def serve(config: Path, protocol: str) -> None:
     import httpx
     from kserve import Model, ModelServer
@@ -168,6 +182,8 @@ def serve(config: Path, protocol: str) -> None:
 
         async def predict(self, payload, headers=None, response_headers=None):
             if protocol == "v1":
+                if isinstance(payload, (bytes, str)):  # JSON sent without its type (curl -d): KServe passes the bytes
+                    payload = v1_json(payload)
                 if not isinstance(payload, dict):
                     raise InvalidInput(f"this runtime serves KServe protocol v1 (TS_SERVICE_ENVELOPE=kserve): POST "
                                        f"{{\"instances\": [...]}} to /v1/models/{self.name}:predict")

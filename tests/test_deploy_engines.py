@@ -280,6 +280,10 @@ def test_kserve_v1_answers_each_instance_in_place(kserve):
     print(f"KServe v1 bert_sentiment: {text.status_code} {text.text[:400]}")
     sentence, blank = text.json()["predictions"]
     assert sentence["label"] in ("negative", "neutral", "positive") and blank["type"] == "BadInput"
+    # As curl -d sends it (a form's content type): read as the JSON it is.
+    form = requests.post(url("bert_sentiment"), data=json.dumps({"instances": [{"data": "What a lovely day"}]}),
+                         headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=120)
+    assert form.status_code == 200 and form.json()["predictions"][0]["label"] in ("negative", "neutral", "positive")
     for malformed in ({"instances": "not a list"}, {"instances": []}, {"inputs": [DIGIT]}):
         refused = post_json(url("mnist"), malformed)
         assert refused.status_code == 400 and "instances" in refused.json()["error"], refused.text
