@@ -106,10 +106,9 @@ def v2_rows(inputs: list[dict]) -> tuple[list[dict], list[int]]:
     and how many rows each input became (``v2_outputs`` joins their answers back)."""
     rows, counts = [], []
     for item in inputs:
-        elements = item["data"] if item["datatype"] == "BYTES" else [item["data"]]
-        rows += [{**item, "shape": [1], "data": [element]} if item["datatype"] == "BYTES" else item
-                 for element in elements]
-        counts.append(len(elements))
+        split = [{**item, "shape": [1], "data": [element]} for element in item["data"]]
+        rows += split if item["datatype"] == "BYTES" else [item]
+        counts.append(len(split) if item["datatype"] == "BYTES" else 1)
     return rows, counts
 
 

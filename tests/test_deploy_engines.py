@@ -262,6 +262,12 @@ def kserve(containers, tmp_path_factory):
     return started
 
 
+def grpc_v2_call(url: str, model: str, request_id: str, *texts: str) -> subprocess.CompletedProcess:
+    """tests/kserve_grpc_call.py (KServe's own gRPC client) run by the KServe SDK's Python."""
+    return subprocess.run([str(kserve_python()), str(TESTS / "kserve_grpc_call.py"), url, model, request_id, *texts],
+                          capture_output=True, text=True, timeout=180)
+
+
 def post_json(url: str, body) -> requests.Response:
     return requests.post(url, data=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=120)
 
@@ -324,16 +330,14 @@ def test_kserve_v2_over_rest_and_grpc_answers_each_input_as_json_text(kserve):
         assert refused.status_code == 400 and named in refused.json()["error"], refused.text
     # gRPC v2 on the ModelServer's gRPC port (8081, published as the "management" port), with KServe's own client.
     grpc_url = f"127.0.0.1:{container.ports.management}"
-    called = subprocess.run([str(kserve_python()), str(TESTS / "kserve_grpc_call.py"), grpc_url, "bert_sentiment",
-                             "grpc-1", "What a lovely day", ""], capture_output=True, text=True, timeout=180)
+    called = grpc_v2_call(grpc_url, "bert_sentiment", "grpc-1", "What a lovely day", "")
     print(f"KServe gRPC v2 bert_sentiment: {called.stdout.strip()[:500]}")
     assert called.returncode == 0, called.stdout + called.stderr[-2000:]
     reply = json.loads(called.stdout)
     assert reply["id"] == "grpc-1" and [output["name"] for output in reply["outputs"]] == ["in0", "in1"]
     sentence, empty = (json.loads(output["data"][0]) for output in reply["outputs"])
     assert sentence["label"] in ("negative", "neutral", "positive") and empty["type"] == "BadInput"
-    image = subprocess.run([str(kserve_python()), str(TESTS / "kserve_grpc_call.py"), grpc_url, "mnist", "grpc-2",
-                            DIGIT, "not an image"], capture_output=True, text=True, timeout=180)
+    image = grpc_v2_call(grpc_url, "mnist", "grpc-2", DIGIT, "not an image")
     print(f"KServe gRPC v2 mnist: {image.stdout.strip()[:300]}")
     digit, junk = (json.loads(output["data"][0]) for output in json.loads(image.stdout)["outputs"])
     assert next(iter(digit)) == "7" and junk["type"] == "BadInput"
