@@ -33,11 +33,22 @@ from graviton_serve.paths import HANDLERS_DIR, ROOT
 from graviton_serve.sample_data import photo
 
 # TorchServe's per-model settings (model-config.yaml) every family starts from: one worker per
-# model (it uses every core), TorchServe's batching with a short delay, and 300 s to start: a
+# model (it uses every core), TorchServe's batching with a 1 ms delay, and 300 s to start: a
 # worker that times auto's precision starts alone, so the others' starts may wait for it
-# (handlers.auto_precision; TorchServe's default is 120 s).
-SERVING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 120,
+# (handlers.auto_precision; TorchServe's default is 120 s). The delay is what a lone request waits
+# for company: 5 ms put ResNet50's c1 p50 at 76-80 ms against stock's 73; 1 ms gave 74 ms and the
+# same c8 throughput (17.3-17.8 -> 18.2-18.3 req/s, batches of 4.8 instead of 7.3: a CPU forward
+# costs about the same per item either way).
+SERVING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 1, "responseTimeout": 120,
            "startupTimeout": 300}
+# Light models (a batch in a few ms to tens of ms) run as two workers of half the threads and half
+# the batch: one computes while the other's batch makes its round trip through the frontend, which
+# a single worker waits out idle. Measured with scripts/bench's workloads (AMD EPYC Zen 4, 2 cores,
+# wrk c8, 8 s cells; docs/bench/breakdown.md): bert_sentiment 152-186 -> 194-222 req/s, MNIST
+# 965-1010 -> 975-1137 req/s. Their delay is 2 ms: at 10 ms a lone MNIST request waited for
+# company (c2 p50 16 ms; 6 ms at c1 with 2 ms), at 5 ms bert_sentiment's c1 p50 was 21 ms, 18 at 2 ms
+# (one worker of two threads: 17 ms).
+TWO_WORKERS = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 2}
 
 
 def resolve(reference: str) -> Any:
@@ -153,7 +164,7 @@ FAMILIES: dict[str, Family] = {
     for family in (  # in the order the demo store builds their demos
         Family("mnist", "image-classification", ("digits",),
                Sample("image/png", file=lambda: ROOT / "tests" / "data" / "digit.png"),
-               serving={**SERVING, "maxBatchDelay": 10, "responseTimeout": 30},
+               serving={**SERVING, **TWO_WORKERS, "responseTimeout": 30},
                demos=(Demo("mnist", "graviton_serve.demos.mnist:make", "handlers.mnist:WEIGHTS_FILE",
                            (*DEMO_SOURCES, "graviton_serve/demos/mnist.py", "handlers/mnist.py"),
                            evaluation="graviton_serve.demos.mnist:held_out_evaluation"),)),
@@ -170,7 +181,7 @@ FAMILIES: dict[str, Family] = {
         # Text demos' budgets were measured on 2 AVX2 cores (about 110 tweets/s through the
         # 6-layer encoder): the four build in 5-8 minutes.
         Family("text_classification", "text-classification", ("sentiment",),
-               Sample("text/plain", text="I love riding in self-driving cars!"),
+               Sample("text/plain", text="I love riding in self-driving cars!"), serving={**SERVING, **TWO_WORKERS},
                demos=(_text_demo("bert_sentiment", "sentiment", train_tweets=9000, epochs=8, eval_tweets=1500),
                       _text_demo("roberta_sentiment", "sentiment", train_tweets=7000, epochs=8, eval_tweets=1500))),
         Family("fill_mask", "fill-mask", (), Sample("text/plain", text="The capital of France is [MASK]."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 
 import requests
@@ -31,6 +32,15 @@ class ManagementClient:
         if response.status_code != 200:
             raise requests.HTTPError(f"GET models/{name}: HTTP {response.status_code}", response=response)
         return response.json()[0]
+
+    def served_precision(self, name: str) -> str:
+        """The precision the model's worker chose (our handlers' describe, ``GET models/{name}?customized=true``)."""
+        response = requests.get(f"{self.base_url}/models/{name}", params={"customized": "true"}, headers=self._headers(),
+                                timeout=self.timeout)
+        if response.status_code != 200:
+            raise requests.HTTPError(f"GET models/{name}?customized=true: HTTP {response.status_code}", response=response)
+        described = response.json()[0]["customizedMetadata"]
+        return (json.loads(described) if isinstance(described, str) else described)["serving"]["precision"]
 
     def status(self, name: str) -> str:
         """READY (a worker is READY), LOADING (none yet), UNREACHABLE, or ``HTTP nnn``."""

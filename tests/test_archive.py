@@ -49,7 +49,8 @@ def test_archive_contents(mnist_mar):
     assert {f"handlers/{p.name}" for p in handler_sources()} <= names
     assert {"mnist.py", "mnist.pt", "metadata.json", "model-config.yaml"} <= names
     assert manifest["model"]["handler"] == "mnist.py"
-    assert config["batchSize"] >= 1 and config["minWorkers"] == config["maxWorkers"] == 1
+    # MNIST is a light model: two workers of half the batch (graviton_serve.families.TWO_WORKERS)
+    assert (config["minWorkers"], config["maxWorkers"], config["batchSize"]) == (2, 2, 4)
     assert metadata["trained"] is True and metadata["held_out_accuracy"] >= 0.97
 
 

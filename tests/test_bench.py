@@ -18,7 +18,10 @@ def cell(path: str, throughput: float, round_number: int, concurrency: int = 8, 
                    0.2, 900, 0.1)
 
 
-LIMITS = [Limit("resnet50", "forward (fp32)", 8, 2, "fp32", 10.0, 800.0), Limit("resnet50", "serving", 8, 2, "fp32", 8.0, 1000.0)]
+# timed after each round's cells: a round's cell is divided by its own round's limit
+LIMITS = [Limit("resnet50", kind, 8, 2, "fp32", items_per_s, 1000.0, round_number)
+          for round_number, forward, serving in ((1, 10.0, 8.0), (2, 10.0, 10.0), (3, 10.0, 9.0))
+          for kind, items_per_s in (("forward (fp32)", forward), ("serving", serving))]
 
 
 def test_ratios_are_per_round_then_median_with_min_max():
@@ -27,11 +30,11 @@ def test_ratios_are_per_round_then_median_with_min_max():
              cell("ours", 5.0, 1, concurrency=1, p50=90), cell("stock", 5.0, 1, concurrency=1, p50=100)]
     found = ratios(cells, LIMITS)["resnet50"]
     assert found["ours/stock"] == [4.0, 2.0, 3.0]  # round by round, not median over median
-    assert found["ours/serving"] == [1.0, 1.0, 9.0 / 8.0]
+    assert found["ours/serving"] == [1.0, 0.8, 1.0]
     assert found["c1 p50 ours/stock"] == [0.9]
     row = summary(cells, LIMITS).splitlines()[-1]
     assert row.startswith("| resnet50 (c8) | 8.00 (8.00–9.00) | 3.00 (2.00–4.00) | 3.00× (2.00–4.00) | 0.80× (0.80–0.90) | "
-                          "1.00× (1.00–1.12) | 90 | 100 | 0.90× |")
+                          "1.00× (0.80–1.00) | 90 | 100 | 0.90× |")
 
 
 def test_a_cell_with_errors_takes_no_part_in_a_ratio():
@@ -51,7 +54,12 @@ def test_a_small_run_through_a_real_torchserve_with_wrk(mnist_mar, tmp_path):
     assert int(rest[5]) > 10 and abs(int(rest[12]) - int(rest[5]) / 2) <= 2
     assert grpc[12] == "3"
     assert 0 < float(rest[15].rstrip(" |")) < 1.5  # wrk's own CPU share, measured
-    assert "| mnist | forward (fp32) | 8 | " in text and "| mnist | serving | 8 | " in text
+    # the limits, timed after the round in the precision our server chose, on a batch of what it holds at once
+    (served,) = [line.split(" | ")[5] for line in text.splitlines() if line.startswith("| mnist | serving | 1 | 8 | ")]
+    assert "| mnist | forward (fp32) | 1 | 8 | " in text and served in ("fp32", "bf16", "fp16", "int8")
+    # where the time went: our per-stage counters over the REST cell, and the frontend's CPU
+    (stages,) = [line.split(" | ") for line in text.splitlines() if line.startswith("| mnist | 2 | 1 | ")]
+    assert 1 <= float(stages[5]) <= 4 and float(stages[7]) > 0 and float(stages[11].rstrip(" |")) > 0
     assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "results.md").read_text() == text
     assert json.loads((tmp_path / "results.json").read_text())["ratios"]["mnist"]["ours"] == []  # errors: no ratio

@@ -1,9 +1,14 @@
-"""The limits: our handler in this process, no server, on one full batch of the bench's bodies.
+"""The limits: our handler in the bench's own process, no server, on one full batch of the bench's bodies.
 
 - forward (fp32): collate + forward + postprocess in fp32, the inputs decoded beforehand: what
   the model alone costs, before any precision choice;
 - serving: decode + collate + forward + postprocess + encode (``Worker.answer``) in the precision
-  the worker chose: everything a server must do per item, without the server.
+  the server's worker chose: everything a server must do per item, without the server.
+
+Both run with every CPU this process may use as threads, on a batch of what the server holds at
+once (its workers × batchSize): the machine's best for the model, whatever split the server uses.
+The workers are built once per workload and timed in every round, right after the round's cells,
+so a ratio compares a cell with a limit measured minutes apart, not across the whole run.
 """
 
 from __future__ import annotations
@@ -20,17 +25,7 @@ import yaml
 from graviton_serve.archive import unpack_archive
 from graviton_serve.bench.results import Limit
 
-
-def _worker(workload: str, folder: Path, manifest: dict, precision: str | None):
-    """A worker over the unpacked archive, as TorchServe's would be; ``precision`` overrides its config."""
-    from handlers.lifecycle import Worker
-
-    config = yaml.safe_load((folder / "model-config.yaml").read_text())
-    if precision:
-        config.setdefault("handler", {})["precision"] = precision
-    module = importlib.import_module(f"handlers.{Path(manifest['model']['handler']).stem}")
-    worker = Worker(module.handle.make_handler(), workload, folder, config, "cpu", manifest["model"].get("serializedFile"))
-    return worker, int(config.get("batchSize", 1))
+FORWARD, SERVING = "forward (fp32)", "serving"
 
 
 def _median_seconds(run: Callable[[], object], min_seconds: float) -> float:
@@ -45,32 +40,56 @@ def _median_seconds(run: Callable[[], object], min_seconds: float) -> float:
     return statistics.median(times)
 
 
-def limits(workload: str, archive: Path, bodies: list[bytes], min_seconds: float = 5.0) -> list[Limit]:
-    """[forward (fp32), serving] for the workload's archive, each timed for at least ``min_seconds``."""
-    from handlers.payload import Payload
+class Limits:
+    """The two limit workers of one workload's archive. ``served_precision``: what the server's
+    worker chose (its describe), so the serving limit runs what the server runs. A context manager."""
 
-    found = []
-    with tempfile.TemporaryDirectory(prefix="gs-bench-limit-") as work:
-        folder = Path(work)
+    def __init__(self, workload: str, archive: Path, bodies: list[bytes], served_precision: str):
+        from handlers.lifecycle import Worker
+        from handlers.payload import Payload
+
+        self.workload = workload
+        self._folder = tempfile.TemporaryDirectory(prefix="gs-bench-limit-")
+        folder = Path(self._folder.name)
         manifest = unpack_archive(archive, folder)
-        for kind, precision in (("forward (fp32)", "fp32"), ("serving", None)):
-            worker, batch = _worker(workload, folder, manifest, precision)
-            payloads = [Payload(body=body) for body in bodies[: 4 * batch]]
-            usable = []
-            for payload in payloads:
-                try:
-                    usable.append((payload, worker.handler.decode(payload)))
-                except Exception:  # noqa: BLE001 - a body the model refuses is no part of its cost
-                    pass
-            if not usable:
-                raise ValueError(f"{workload}: none of the bodies decodes; nothing to time")
-            chosen = [usable[i % len(usable)] for i in range(batch)]
-            if precision == "fp32":
-                items = [item for _, item in chosen]
+        config = yaml.safe_load((folder / "model-config.yaml").read_text())
+        self.batch = int(config.get("batchSize", 1)) * int(config.get("minWorkers", 1) or 1)
+        config["minWorkers"] = 1  # one process: every usable CPU is its threads
+        module = importlib.import_module(f"handlers.{Path(manifest['model']['handler']).stem}")
+        self.workers = {}
+        for kind, precision in ((FORWARD, "fp32"), (SERVING, served_precision)):
+            settings = {**config, "handler": {**config.get("handler", {}), "precision": precision}}
+            self.workers[kind] = Worker(module.handle.make_handler(), workload, folder, settings, "cpu",
+                                        manifest["model"].get("serializedFile"))
+        decoder = self.workers[SERVING].handler
+        usable = []
+        for body in bodies[: 4 * self.batch]:
+            payload = Payload(body=body)
+            try:
+                usable.append((payload, decoder.decode(payload)))
+            except Exception:  # noqa: BLE001 - a body the model refuses is no part of its cost
+                pass
+        if not usable:
+            raise ValueError(f"{workload}: none of the bodies decodes; nothing to time")
+        self.chosen = [usable[i % len(usable)] for i in range(self.batch)]
+
+    def measure(self, round_number: int, min_seconds: float = 3.0) -> list[Limit]:
+        """[forward (fp32), serving], each timed for at least ``min_seconds``."""
+        found = []
+        for kind, worker in self.workers.items():
+            if kind == FORWARD:
+                items = [item for _, item in self.chosen]
                 seconds = _median_seconds(lambda: worker.forward(items), min_seconds)
             else:
-                requests = [payload for payload, _ in chosen]
+                requests = [payload for payload, _ in self.chosen]
                 seconds = _median_seconds(lambda: worker.answer(requests), min_seconds)
-            found.append(Limit(workload, kind, batch, worker.threads.threads, worker.precision, batch / seconds,
-                               seconds * 1000))
-    return found
+            found.append(Limit(self.workload, kind, self.batch, worker.threads.threads, worker.precision,
+                               self.batch / seconds, seconds * 1000, round_number))
+        return found
+
+    def __enter__(self) -> "Limits":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.workers.clear()
+        self._folder.cleanup()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -17,13 +18,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import psutil
+import requests
 
-from graviton_serve.bench.results import LoadRun
+from graviton_serve.bench.results import LoadRun, Stages
 from graviton_serve.grpc_client import GrpcClient
 from graviton_serve.paths import CONFIG_FILE
 from graviton_serve.progress import say
 from graviton_serve.server import TorchServe
 from graviton_serve.torchserve_config import Ports, read_properties, write_properties
+from handlers.torchserve_wire import BATCH_ITEMS_METRIC, BATCHES_METRIC, STAGE_SECONDS_METRIC
 
 WRK_SCRIPT = Path(__file__).parent / "post_bodies.lua"
 WRK_TIMEOUT = "300s"  # wrk's default (2 s) would count stock's slow answers at c8 as errors
@@ -75,6 +78,54 @@ def _rss_mib(processes: list[psutil.Process]) -> int:
     return int(_total(processes, lambda process: process.memory_info().rss)) >> 20
 
 
+def frontend_processes(server) -> list[psutil.Process]:
+    """TorchServe's Java frontend (the server's own PID); none for Ray Serve."""
+    if hasattr(server, "replica_processes") or server.pid is None:
+        return []
+    try:
+        return [psutil.Process(server.pid)]
+    except psutil.Error:
+        return []
+
+
+STAGE_COUNTER = re.compile(r'^(graviton_serve_\w+?)(?:\{[^}]*?(?:Stage="(\w+)")?[^}]*\})? ([0-9.eE+-]+)$')
+
+
+def stage_counters(server) -> dict[str, float] | None:
+    """Our handlers' per-stage counters (handlers.torchserve_wire) summed over the server's
+    workers, from its Prometheus metrics listener; None where there are none (stock, Ray Serve)."""
+    if hasattr(server, "replica_processes"):
+        return None
+    try:
+        text = requests.get(server.url("metrics", "metrics"), timeout=10).text
+    except requests.RequestException:
+        return None
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        match = STAGE_COUNTER.match(line)
+        if match:
+            name, stage, value = match.groups()
+            key = f"{name}:{stage}" if stage else name
+            found[key] = found.get(key, 0.0) + float(value)
+    return found or None
+
+
+def stages_between(before: dict[str, float] | None, after: dict[str, float] | None, workers: int,
+                   seconds: float) -> Stages | None:
+    """The counters' growth over a cell of ``seconds`` with ``workers`` worker processes."""
+    if not before or not after:
+        return None
+    grown = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    batches = grown.get(BATCHES_METRIC, 0.0)
+    if batches <= 0:
+        return None
+    per_batch_ms = {stage: 1000 * grown.get(f"{STAGE_SECONDS_METRIC}:{stage}", 0.0) / batches
+                    for stage in ("decode", "forward", "encode")}
+    busy = sum(per_batch_ms.values()) * batches / 1000
+    return Stages(int(batches), grown.get(BATCH_ITEMS_METRIC, 0.0) / batches, per_batch_ms["decode"],
+                  per_batch_ms["forward"], per_batch_ms["encode"], busy / max(1e-9, workers * seconds))
+
+
 def settle(server, model: str, timeout: float = 300.0) -> None:
     """Wait until the model has nothing queued and its workers are idle: wrk stops sending when
     its time is up, but what it sent last is still being answered, and would otherwise run into
@@ -100,24 +151,26 @@ def wrk_load(server, workload: str, path: str, model: str, body_files: list[Path
     command = [require_wrk(), "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", f"--timeout={WRK_TIMEOUT}",
                "-s", str(WRK_SCRIPT), *[arg for header in headers for arg in ("-H", header)], url, "--",
                *map(str, body_files)]
-    workers = model_workers(server, model)
-    cpu_before = _cpu_seconds(workers)
+    workers, frontend = model_workers(server, model), frontend_processes(server)
+    cpu_before, frontend_before, counters_before = _cpu_seconds(workers), _cpu_seconds(frontend), stage_counters(server)
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(process.pid, 0)  # the kernel's count of wrk's own CPU time
     process.returncode = os.waitstatus_to_exitcode(status)
     stdout, stderr = process.stdout.read(), process.stderr.read()
     wall = time.perf_counter() - started
-    cpu = _cpu_seconds(workers) - cpu_before
+    cpu, frontend_cpu = _cpu_seconds(workers) - cpu_before, _cpu_seconds(frontend) - frontend_before
     if process.returncode != 0:
         raise RuntimeError(f"wrk failed ({process.returncode}): {stderr.strip()[-500:]}")
     settle(server, model)
+    # after settling: the few batches still in flight when wrk stopped count too
+    stages = stages_between(counters_before, stage_counters(server), len(workers), wall)
     result = json.loads(next(line for line in stdout.splitlines() if line.startswith("{")))
-    requests = result["requests"]
-    return LoadRun(workload, path, "REST", concurrency, round_number, requests, result["duration_us"] / 1e6,
+    answered = result["requests"]
+    return LoadRun(workload, path, "REST", concurrency, round_number, answered, result["duration_us"] / 1e6,
                    result["p50_us"] / 1000, result["p90_us"] / 1000, result["p99_us"] / 1000, result["mean_us"] / 1000,
-                   result["errors"], cpu / max(1, requests), _rss_mib(workers),
-                   (usage.ru_utime + usage.ru_stime) / wall)
+                   result["errors"], cpu / max(1, answered), _rss_mib(workers),
+                   (usage.ru_utime + usage.ru_stime) / wall, frontend_cpu / max(1, answered), stages)
 
 
 def grpc_load(server: TorchServe, grpc: GrpcClient, workload: str, model: str, bodies: list[bytes], concurrency: int,

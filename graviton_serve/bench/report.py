@@ -13,12 +13,12 @@ from pathlib import Path
 
 import psutil
 
+from graviton_serve.bench.limit import FORWARD, SERVING
 from graviton_serve.bench.results import Limit, LoadRun
 
 CELL_HEADER = ("| workload | path | protocol | concurrency | round | requests | seconds | throughput (req/s) | p50 (ms) | "
                "p90 (ms) | p99 (ms) | mean (ms) | errors | worker CPU (s/req) | worker RSS (MiB) | client CPU (cores) |\n"
                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-FORWARD, SERVING = "forward (fp32)", "serving"
 
 
 def load_run_row(cell: LoadRun) -> str:
@@ -63,14 +63,16 @@ def ratios(cells: list[LoadRun], limits: list[Limit]) -> dict[str, dict[str, lis
         ours, stock = _rest(cells, workload, "ours", top), _rest(cells, workload, "stock", top)
         ours_c1, stock_c1 = _rest(cells, workload, "ours", 1), _rest(cells, workload, "stock", 1)
         ray, ray_c1 = _rest(cells, workload, "ray", top), _rest(cells, workload, "ray", 1)
-        limit = {l.kind: l.items_per_s for l in limits if l.workload == workload}
+        # each round's cell against the limit timed at the end of that round
+        limit = {(l.kind, l.round): l.items_per_s for l in limits if l.workload == workload}
         found[workload] = {
             "concurrency": [top],
             "ours": [c.throughput for c in ours.values()],
             "stock": [c.throughput for c in stock.values()],
             "ours/stock": [ours[r].throughput / stock[r].throughput for r in ours if r in stock],
-            "ours/forward": [c.throughput / limit[FORWARD] for c in ours.values()] if FORWARD in limit else [],
-            "ours/serving": [c.throughput / limit[SERVING] for c in ours.values()] if SERVING in limit else [],
+            "ours/forward": [c.throughput / limit[FORWARD, r] for r, c in ours.items() if (FORWARD, r) in limit],
+            "ours/serving": [c.throughput / limit[SERVING, r] for r, c in ours.items() if (SERVING, r) in limit],
+            "serving limit": [v for (kind, _), v in limit.items() if kind == SERVING],
             "ours c1 p50": [c.p50_ms for c in ours_c1.values()],
             "stock c1 p50": [c.p50_ms for c in stock_c1.values()],
             "c1 p50 ours/stock": [ours_c1[r].p50_ms / stock_c1[r].p50_ms for r in ours_c1 if r in stock_c1],
@@ -106,10 +108,28 @@ def summary(cells: list[LoadRun], limits: list[Limit]) -> str:
     return "\n".join(lines)
 
 
+def breakdown(cells: list[LoadRun]) -> str:
+    """Ours on TorchServe, per cell: how full the batches were, our stages' milliseconds per batch,
+    the share of the workers' wall time inside them, and the CPU the workers and the Java frontend
+    spent per request (the rest of the workers' time: TorchServe's worker protocol and waiting
+    for the frontend's next batch)."""
+    lines = ["| workload | concurrency | round | req/s | batches | items/batch | decode (ms/batch) | forward (ms/batch) | "
+             "encode (ms/batch) | workers' time in our stages | worker CPU (ms/req) | frontend CPU (ms/req) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        if c.stages is None or c.path != "ours" or c.protocol != "REST":
+            continue
+        st = c.stages
+        lines.append(f"| {c.workload} | {c.concurrency} | {c.round} | {c.throughput:.1f} | {st.batches} | "
+                     f"{st.items_per_batch:.2f} | {st.decode_ms:.2f} | {st.forward_ms:.2f} | {st.encode_ms:.2f} | "
+                     f"{100 * st.in_handler:.0f}% | {1000 * c.cpu_s_per_request:.2f} | {1000 * c.frontend_cpu_s_per_request:.2f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def limits_table(limits: list[Limit]) -> str:
-    lines = ["| workload | limit | batch | threads | precision | batch (ms) | items/s |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {l.workload} | {l.kind} | {l.batch} | {l.threads} | {l.precision} | {l.batch_ms:.0f} | {l.items_per_s:.2f} |"
-              for l in limits]
+    lines = ["| workload | limit | round | batch | threads | precision | batch (ms) | items/s |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {l.workload} | {l.kind} | {l.round} | {l.batch} | {l.threads} | {l.precision} | {l.batch_ms:.1f} | "
+              f"{l.items_per_s:.2f} |" for l in limits]
     return "\n".join(lines)
 
 
@@ -121,8 +141,8 @@ def chart(cells: list[LoadRun], limits: list[Limit], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    serving = {l.workload: l.items_per_s for l in limits if l.kind == SERVING}
-    found = {w: r for w, r in ratios(cells, limits).items() if w in serving}
+    found = {w: r for w, r in ratios(cells, limits).items() if r["serving limit"]}
+    serving = {w: statistics.median(r["serving limit"]) for w, r in found.items()}
     workloads = list(found)
     figure, axis = plt.subplots(figsize=(10, 4.5))
     series = [("ours", "graviton-serve"), ("stock", "stock TorchServe")]
@@ -155,7 +175,10 @@ def report(cells: list[LoadRun], limits: list[Limit], out: Path) -> str:
         *([f"Ours on Ray Serve (path ray) against ours on TorchServe and stock, median of {rounds} rounds:\n\n"
            + ray_summary(cells, limits)] if ray_summary(cells, limits) else []),
         "Every load run:\n\n" + CELL_HEADER + "\n" + "\n".join(load_run_row(cell) for cell in cells),
-        "The limits (our handler in one process, no server, one full batch):\n\n" + limits_table(limits),
+        *([f"Where ours spent its time (our handlers' per-stage counters and the processes' CPU, per cell):\n\n"
+           + breakdown(cells)] if breakdown(cells) else []),
+        "The limits (our handler in the bench's process, no server, one batch of what the server holds at once, "
+        "every CPU as threads; timed after each round's cells):\n\n" + limits_table(limits),
     ]) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)

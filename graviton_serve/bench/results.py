@@ -15,6 +15,20 @@ class Workload:
 
 
 @dataclass
+class Stages:
+    """Where the worker's time went during one cell, from our handlers' per-stage counters
+    (handlers.torchserve_wire): batches, how full they were, and each stage's milliseconds per batch."""
+
+    batches: int
+    items_per_batch: float
+    decode_ms: float
+    forward_ms: float  # collate, forward, postprocess
+    encode_ms: float
+    in_handler: float  # share of the workers' wall time spent in our three stages (the rest: TorchServe's
+    # worker protocol, and waiting for the frontend's next batch)
+
+
+@dataclass
 class LoadRun:
     """One load run: a workload on one path, protocol and concurrency, in one round."""
 
@@ -33,6 +47,8 @@ class LoadRun:
     cpu_s_per_request: float  # the model's worker processes
     rss_mib: int
     client_cpu_share: float  # the load client's CPU time over the cell's wall time (1.0 = one core)
+    frontend_cpu_s_per_request: float = 0.0  # TorchServe's Java frontend (0: not measured, e.g. Ray)
+    stages: Stages | None = None  # our handlers' per-stage counters over the cell (ours on TorchServe only)
 
     @property
     def throughput(self) -> float:
@@ -50,3 +66,4 @@ class Limit:
     precision: str
     items_per_s: float
     batch_ms: float
+    round: int = 1  # measured in this round, right after its cells

@@ -1,5 +1,6 @@
 """The whole bench run, workload by workload: our server and stock's up side by side, cells
-alternated ours/stock in rounds (ABAB, then BABA: drift hits both), the limits, then the report."""
+alternated ours/stock in rounds (ABAB, then BABA: drift hits both), the limits timed at the end of
+every round (in the precision our server chose), then the report."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from graviton_serve.bench.limit import limits as measure_limits
+from graviton_serve.bench.limit import Limits
 from graviton_serve.bench.load import grpc_load, require_wrk, running, running_on_ray, stock_config, wrk_load
 from graviton_serve.bench.report import CELL_HEADER, load_run_row, report
 from graviton_serve.bench.results import Limit, LoadRun, Workload
@@ -15,7 +16,9 @@ from graviton_serve.grpc_client import GrpcClient
 from graviton_serve.paths import CONFIG_FILE
 from graviton_serve.progress import say
 
-WARM_UP_S = 3  # per server and workload, at the highest concurrency, not reported
+# per server and workload, at the highest concurrency, not reported: long enough for the JVM's JIT
+# (with 3 s the first round's frontend spent about twice the CPU per request of later rounds)
+WARM_UP_S = 10
 
 
 def benchmark(workloads: list[Workload], concurrencies: list[int], grpc_concurrencies: list[int], grpc_requests: int,
@@ -45,6 +48,12 @@ def benchmark(workloads: list[Workload], concurrencies: list[int], grpc_concurre
                     servers["ray"] = (stack.enter_context(running_on_ray([workload.ours], CONFIG_FILE)), workload.ours.stem)
                 for path, (server, model) in servers.items():
                     wrk_load(server, workload.name, path, model, body_files, max(concurrencies), WARM_UP_S, 0)
+                timer = None
+                if with_limit:
+                    ours_server, ours_model = servers["ours"]
+                    precision = ours_server.management(timeout=30).served_precision(ours_model)
+                    say(f"bench: {workload.name}: building the limits' workers (serving in {precision}, as our server chose)")
+                    timer = stack.enter_context(Limits(workload.name, workload.ours, workload.bodies, precision))
                 for round_number in range(1, rounds + 1):
                     order = list(servers) if round_number % 2 else list(reversed(servers))
                     for concurrency in concurrencies:
@@ -52,6 +61,9 @@ def benchmark(workloads: list[Workload], concurrencies: list[int], grpc_concurre
                             server, model = servers[path]
                             say(f"bench: {workload.name} round {round_number}/{rounds}: {path} REST c{concurrency}, {seconds:g} s")
                             keep(wrk_load(server, workload.name, path, model, body_files, concurrency, seconds, round_number))
+                    if timer is not None:
+                        say(f"bench: {workload.name} round {round_number}/{rounds}: the limits (forward fp32, serving), in this process")
+                        limits += timer.measure(round_number)
                 server, model = servers["ours"]
                 if grpc_concurrencies:
                     with GrpcClient.from_key_file(server.run_folder.key_file, inference_port=server.ports.grpc_inference,
@@ -59,9 +71,6 @@ def benchmark(workloads: list[Workload], concurrencies: list[int], grpc_concurre
                         for concurrency in grpc_concurrencies:
                             say(f"bench: {workload.name}: ours gRPC c{concurrency}, {grpc_requests} requests")
                             keep(grpc_load(server, grpc, workload.name, model, workload.bodies, concurrency, grpc_requests))
-            if with_limit:
-                say(f"bench: {workload.name}: the limits (forward fp32, serving), in this process")
-                limits += measure_limits(workload.name, workload.ours, workload.bodies)
     text = report(cells, limits, out)
     print("\n" + text, flush=True)
     say(f"bench: results in {out / 'results.md'}, chart {out / 'throughput.png'}")
