@@ -45,7 +45,8 @@ SERVING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 1,
 # the batch: one computes while the other's batch makes its round trip through the frontend, which
 # a single worker waits out idle. Measured with scripts/bench's workloads (AMD EPYC Zen 4, 2 cores,
 # wrk c8, 8 s cells; docs/bench/breakdown.md): bert_sentiment 152-186 -> 194-222 req/s, MNIST
-# 965-1010 -> 975-1137 req/s. Their delay is 2 ms: at 10 ms a lone MNIST request waited for
+# 965-1010 -> 975-1137 req/s, efficientnet_lite0 62-72 -> 103 req/s (its JPEG decode, 6.5 ms a
+# photo on one core, overlaps the other worker's forward; c1 p50 24 -> 27 ms). Their delay is 2 ms: at 10 ms a lone MNIST request waited for
 # company (c2 p50 16 ms; 6 ms at c1 with 2 ms), at 5 ms bert_sentiment's c1 p50 was 21 ms, 18 at 2 ms
 # (one worker of two threads: 17 ms).
 TWO_WORKERS = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 2}
@@ -173,7 +174,7 @@ FAMILIES: dict[str, Family] = {
                demos=(_untrained_vision_demo("resnet50", "IMAGENET1K_V2"),
                       _untrained_vision_demo("densenet161", "IMAGENET1K_V1"))),
         Family("timm_vision", "image-classification", ("efficientnet",),
-               Sample("image/jpeg", file=lambda: photo("flower")),
+               Sample("image/jpeg", file=lambda: photo("flower")), serving={**SERVING, **TWO_WORKERS},
                demos=(Demo("efficientnet_lite0", "graviton_serve.demos.vision:make_efficientnet_lite0",
                            "efficientnet_lite0.pt",
                            (*DEMO_SOURCES, "graviton_serve/demos/vision.py", "handlers/timm_vision.py"),
