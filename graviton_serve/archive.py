@@ -156,3 +156,16 @@ def build_text_archive(name: str, task: str, source: str, store: Path) -> Path:
         say(f"{name}: packaging {name}.mar")
         spec = ArchiveSpec(name, text_family.name, weights, text_family.model_config(), metadata, extras)
         return build_archive(spec, store)
+
+
+def archive_config(archive: Path) -> dict:
+    """The archive's model-config.yaml, read from the zip ({} if it has none)."""
+    with zipfile.ZipFile(archive) as mar:
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+        config_name = manifest["model"].get("configFile")
+        return (yaml.safe_load(mar.read(config_name)) or {}) if config_name else {}
+
+
+def archive_workers(archive: Path) -> int:
+    """How many workers the archive asks for (its ``minWorkers``; TorchServe's default 1 without one)."""
+    return max(1, int(archive_config(archive).get("minWorkers", 1) or 1))

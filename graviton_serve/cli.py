@@ -199,9 +199,11 @@ def ray_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", type=Path, default=MODEL_STORE, help="the model store (a path every Ray node can read)")
     parser.add_argument("--key-file", type=Path, default=RUN_DIR / "ray" / "key_file.json",
                         help="the inference key, TorchServe's key_file.json shape (made if missing)")
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=0, help="each replica's intra-op threads (0: its CPUs)")
+    parser.add_argument("--replicas", type=int, default=None, help="replicas per model (default: its archive's minWorkers)")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0,
+                        help="a one-worker model's replica's CPUs (a model of N workers splits it between its N replicas)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="a one-worker model's replica's intra-op threads, split likewise (0: its CPUs)")
     parser.add_argument("--host", default="127.0.0.1", help="the HTTP proxy's address (0.0.0.0 in a container)")
 
 

@@ -200,26 +200,29 @@ def alive_nodes(dashboard_url: str, token_file: Path) -> list[dict]:
 # -- Serve ------------------------------------------------------------------------------------------
 
 def serve_config(archives: list[Path], port: int, key_file: Path | None, max_request_bytes: int,
-                 replicas: int = 1, cpus_per_replica: float = 1.0, threads: int = 0, host: str = "127.0.0.1",
+                 replicas: int | None = None, cpus_per_replica: float = 1.0, threads: int = 0, host: str = "127.0.0.1",
                  environment: dict[str, str] | None = None) -> dict:
     """Ray Serve's config file (``serve deploy``'s schema) for the archives: one application per
-    model at ``/predictions/<model>``, plus the front (``/ping``, 404s). ``threads``: each
-    replica's intra-op threads (OMP_NUM_THREADS; 0: Ray's default, its CPUs); ``environment``:
-    the launch settings every replica starts with."""
-    env_vars = dict(environment or {})
-    if threads:
-        env_vars["OMP_NUM_THREADS"] = str(threads)
+    model at ``/predictions/<model>``, plus the front (``/ping``, 404s). A model's replicas stand
+    for TorchServe's workers: ``replicas`` each, or (None) as many as its archive's ``minWorkers``.
+    ``cpus_per_replica`` and ``threads`` (intra-op threads, OMP_NUM_THREADS; 0: Ray's default,
+    its CPUs) are a one-worker model's: an archive of N workers splits them between its N
+    replicas, as its TorchServe workers split the CPUs. ``environment``: the launch settings every
+    replica starts with."""
+    from graviton_serve.archive import archive_workers
     applications = [{"name": FRONT_APP, "route_prefix": "/", "import_path": "graviton_serve.ray_front:front_app",
                      "args": {"key_file": str(key_file or "")},
                      "deployments": [{"name": "Front", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}]}]
     for archive in archives:
-        name = archive.stem
+        name, workers = archive.stem, archive_workers(archive)
+        env_vars = {**(environment or {}), **({"OMP_NUM_THREADS": str(max(1, threads // workers))} if threads else {})}
         applications.append({
             "name": name, "route_prefix": f"/predictions/{name}", "import_path": "graviton_serve.ray_front:model_app",
             "args": {"archive": str(archive), "model_name": name, "key_file": str(key_file or ""),
                      "max_request_bytes": max_request_bytes},
-            "runtime_env": {"env_vars": dict(env_vars)},
-            "deployments": [{"name": name, "num_replicas": replicas, "ray_actor_options": {"num_cpus": cpus_per_replica}}],
+            "runtime_env": {"env_vars": env_vars},
+            "deployments": [{"name": name, "num_replicas": replicas or workers,
+                             "ray_actor_options": {"num_cpus": round(cpus_per_replica / workers, 3)}}],
         })
     return {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port}, "applications": applications}
 

@@ -30,7 +30,6 @@ import os
 import shutil
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -267,17 +266,11 @@ def batching(config: dict) -> tuple[int, int]:
     return int(config.get("batchSize", 1)), int(config.get("maxBatchDelay", 100))
 
 
-def archive_config(archive: Path) -> dict:
-    """The archive's model-config.yaml, read from the zip."""
-    with zipfile.ZipFile(archive) as mar:
-        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
-        config_name = manifest["model"].get("configFile")
-        return (yaml.safe_load(mar.read(config_name)) or {}) if config_name else {}
-
-
 def model_app(args: dict):
     """Serve's application builder for one archive: ``args`` = {archive, model_name, key_file,
     max_request_bytes}. A replica takes up to two batches at once: one in the forward, one gathering."""
+    from graviton_serve.archive import archive_config
+
     batch_size, _ = batching(archive_config(Path(args["archive"])))
     return TorchServeArchive.options(name=args["model_name"], max_ongoing_requests=2 * batch_size).bind(
         str(args["archive"]), args["model_name"], args.get("key_file", ""), int(args["max_request_bytes"]))

@@ -100,11 +100,11 @@ class RayServer:
         self.state_file.write_text(json.dumps({"pid": head.process.pid, "create_time": process.create_time(),
                                                "children": process_times(head.children), "dashboard": head.dashboard_url,
                                                "temp_dir": head.temp_dir}))
-        # Each model's replica gets all CPUs for its threads, as TorchServe's one worker per model
-        # does; the scheduler's share only lets every model fit on the node.
+        # Each model's replicas (its archive's minWorkers) split all CPUs for their threads, as its
+        # TorchServe workers do; the scheduler's share only lets every model fit on the node.
         environment = launch_environment({}, str(self.run_folder.core_locks),
                                          precision_cache_dir=str(self.run_folder.precision_cache))
-        config = serve_config(archives, self.port, self.key_file, self.max_request_bytes, replicas=1,
+        config = serve_config(archives, self.port, self.key_file, self.max_request_bytes,
                               cpus_per_replica=round(cpus / max(1, len(archives)), 3), threads=cpus, host=self.host,
                               environment=environment)
         try:

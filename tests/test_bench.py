@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from graviton_serve.bench.load import parse_stage_counters, stages_between
 from graviton_serve.bench.report import ratios, summary
 from graviton_serve.bench.results import Limit, LoadRun, Workload
 from graviton_serve.bench.run import benchmark
@@ -40,6 +41,25 @@ def test_ratios_are_per_round_then_median_with_min_max():
 def test_a_cell_with_errors_takes_no_part_in_a_ratio():
     found = ratios([cell("ours", 8.0, 1), cell("stock", 50.0, 1, errors=3)], [])["resnet50"]
     assert found["ours/stock"] == [] and found["stock"] == []
+
+
+def test_stage_counters_are_summed_per_stage_whatever_the_label_order():
+    text = "\n".join([
+        "# TYPE graviton_serve_stage_seconds_total counter",
+        'graviton_serve_stage_seconds_total{Level="Model",Stage="decode",ModelName="m",Hostname="h",} 1.5',
+        'graviton_serve_stage_seconds_total{Stage="decode",Level="Model",ModelName="m",Hostname="h2",} 0.5',
+        'graviton_serve_stage_seconds_total{Level="Model",ModelName="m",Stage="forward",} 4.0',
+        'graviton_serve_batches_total{Level="Model",ModelName="m",} 10.0',
+        'graviton_serve_batch_items_total{Level="Model",ModelName="m",} 35.0',
+        'ts_inference_requests_total{model_name="m",} 35.0'])
+    before = parse_stage_counters(text)
+    assert before == {"graviton_serve_stage_seconds_total:decode": 2.0, "graviton_serve_stage_seconds_total:forward": 4.0,
+                      "graviton_serve_batches_total": 10.0, "graviton_serve_batch_items_total": 35.0}
+    after = {**before, "graviton_serve_batches_total": 14.0, "graviton_serve_batch_items_total": 51.0,
+             "graviton_serve_stage_seconds_total:forward": 4.4}
+    stages = stages_between(before, after, workers=2, seconds=1.0)
+    assert (stages.batches, stages.items_per_batch, stages.decode_ms, stages.encode_ms) == (4, 4.0, 0.0, 0.0)
+    assert round(stages.forward_ms, 6) == 100.0 and round(stages.in_handler, 6) == 0.2  # 0.4 s of 2 workers' 2 s
 
 
 @pytest.mark.integration

@@ -145,6 +145,29 @@ def test_a_broken_multipart_body_is_a_value_error():
 
 # -- a real two-node cluster ------------------------------------------------------------------------
 
+def test_a_models_replicas_are_its_archives_workers_splitting_the_cpus_and_threads(mnist_mar, tmp_path):
+    import zipfile
+
+    import yaml
+
+    one_worker = tmp_path / "one.mar"  # the same archive asking for one worker
+    with zipfile.ZipFile(mnist_mar) as source, zipfile.ZipFile(one_worker, "w") as target:
+        for entry in source.infolist():
+            data = source.read(entry)
+            if entry.filename == "model-config.yaml":
+                data = yaml.safe_dump({**yaml.safe_load(data), "minWorkers": 1, "maxWorkers": 1}).encode()
+            target.writestr(entry, data)
+    apps = {app["name"]: app for app in ray_cluster.serve_config([mnist_mar, one_worker], 8080, None, 1 << 20,
+                                                                  cpus_per_replica=1.0, threads=4)["applications"]}
+    two, one = apps["mnist"], apps["one"]
+    assert (two["deployments"][0]["num_replicas"], two["deployments"][0]["ray_actor_options"]["num_cpus"],
+            two["runtime_env"]["env_vars"]["OMP_NUM_THREADS"]) == (2, 0.5, "2")
+    assert (one["deployments"][0]["num_replicas"], one["deployments"][0]["ray_actor_options"]["num_cpus"],
+            one["runtime_env"]["env_vars"]["OMP_NUM_THREADS"]) == (1, 1.0, "4")
+    fixed = ray_cluster.serve_config([mnist_mar], 8080, None, 1 << 20, replicas=3)["applications"][1]
+    assert fixed["deployments"][0]["num_replicas"] == 3 and "OMP_NUM_THREADS" not in fixed["runtime_env"]["env_vars"]
+
+
 @pytest.fixture(scope="module")
 def archives() -> list[Path]:
     return build_demo_store(MODEL_STORE, MODELS)
@@ -194,7 +217,8 @@ class Cluster:
                                           cpus_per_replica=1, threads=usable_cpus(), environment=environment)
         for app in config["applications"]:
             if app["name"] == "mnist":
-                app["deployments"][0]["num_replicas"] = mnist_replicas  # 1 CPU each: one per node
+                app["deployments"][0]["num_replicas"] = mnist_replicas
+                app["deployments"][0]["ray_actor_options"]["num_cpus"] = 1  # 1 CPU each: one per node
             elif app["name"] == "bert_sentiment":
                 app["deployments"][0]["ray_actor_options"]["num_cpus"] = 0  # fits beside them
         return config

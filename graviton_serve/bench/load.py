@@ -88,7 +88,8 @@ def frontend_processes(server) -> list[psutil.Process]:
         return []
 
 
-STAGE_COUNTER = re.compile(r'^(graviton_serve_\w+?)(?:\{[^}]*?(?:Stage="(\w+)")?[^}]*\})? ([0-9.eE+-]+)$')
+STAGE_COUNTER = re.compile(r'^(graviton_serve_\w+?)(\{[^}]*\})? ([0-9.eE+-]+)$')  # name, labels, value
+STAGE_LABEL = re.compile(r'Stage="(\w+)"')
 
 
 def stage_counters(server) -> dict[str, float] | None:
@@ -97,15 +98,20 @@ def stage_counters(server) -> dict[str, float] | None:
     if hasattr(server, "replica_processes"):
         return None
     try:
-        text = requests.get(server.url("metrics", "metrics"), timeout=10).text
+        return parse_stage_counters(requests.get(server.url("metrics", "metrics"), timeout=10).text)
     except requests.RequestException:
         return None
+
+
+def parse_stage_counters(text: str) -> dict[str, float] | None:
+    """Prometheus text -> {"<counter>" or "<counter>:<Stage>": value summed over the other labels}."""
     found: dict[str, float] = {}
     for line in text.splitlines():
         match = STAGE_COUNTER.match(line)
         if match:
-            name, stage, value = match.groups()
-            key = f"{name}:{stage}" if stage else name
+            name, labels, value = match.groups()
+            stage = STAGE_LABEL.search(labels or "")
+            key = f"{name}:{stage.group(1)}" if stage else name
             found[key] = found.get(key, 0.0) + float(value)
     return found or None
 
