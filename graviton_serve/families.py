@@ -36,19 +36,22 @@ from graviton_serve.sample_data import photo
 # model (it uses every core), TorchServe's batching with a 1 ms delay, and 300 s to start: a
 # worker that times auto's precision starts alone, so the others' starts may wait for it
 # (handlers.auto_precision; TorchServe's default is 120 s). The delay is what a lone request waits
-# for company: 5 ms put ResNet50's c1 p50 at 76-80 ms against stock's 73; 1 ms gave 74 ms and the
-# same c8 throughput (17.3-17.8 -> 18.2-18.3 req/s, batches of 4.8 instead of 7.3: a CPU forward
-# costs about the same per item either way).
+# for company: 5 ms put ResNet50's c1 p50 at 76-80 ms against stock's 73; 1 ms gave 74 ms and no
+# loss at c8 (17.3-17.8 -> 18.2-18.3 req/s in one start each, batches of 4.8 instead of 7.3: a CPU
+# forward costs about the same per item either way).
 SERVING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 1, "responseTimeout": 120,
            "startupTimeout": 300}
-# Light models (a batch in a few ms to tens of ms) run as two workers of half the threads and half
-# the batch: one computes while the other's batch makes its round trip through the frontend, which
-# a single worker waits out idle. Measured with scripts/bench's workloads (AMD EPYC Zen 4, 2 cores,
-# wrk c8, 8 s cells; docs/bench/breakdown.md): bert_sentiment 152-186 -> 194-222 req/s, MNIST
-# 965-1010 -> 975-1137 req/s, efficientnet_lite0 62-72 -> 103 req/s (its JPEG decode, 6.5 ms a
-# photo on one core, overlaps the other worker's forward; c1 p50 24 -> 27 ms). Their delay is 2 ms: at 10 ms a lone MNIST request waited for
-# company (c2 p50 16 ms; 6 ms at c1 with 2 ms), at 5 ms bert_sentiment's c1 p50 was 21 ms, 18 at 2 ms
-# (one worker of two threads: 17 ms).
+# Light models (a batch in a few ms to tens of ms) run as two workers splitting the CPUs' threads,
+# each with half the batch: one computes while the other's batch makes its round trip through the
+# frontend, which a single worker waits out idle. Given per family: MNIST, the text classifiers
+# (the sentiment models, and the bench's BERT-base built on this family), efficientnet_lite0.
+# Measured with scripts/bench's workloads (AMD EPYC Zen 4, 2 cores, wrk c8, 8 s cells;
+# docs/bench/breakdown.md): bert_sentiment 152-186 -> 195-222 req/s (delay 5 ms), MNIST 553-1010
+# (four starts) -> 839-1137 (delay 10 ms), efficientnet_lite0 62-72 -> 103 req/s (its JPEG decode,
+# 6.5 ms a photo on one core, overlaps the other worker's forward; c1 p50 24 -> 27 ms). Their
+# delay is 2 ms: at 10 ms a lone MNIST request waited for company (c2 p50 16 ms; 6 ms at c1 with
+# 2 ms, c8 975-1066 req/s), at 5 ms bert_sentiment's c1 p50 was 21 ms, 18 at 2 ms (one worker of
+# two threads: 17 ms).
 TWO_WORKERS = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 2}
 
 

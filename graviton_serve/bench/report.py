@@ -178,7 +178,7 @@ def report(cells: list[LoadRun], limits: list[Limit], out: Path) -> str:
         *([f"Where ours spent its time (our handlers' per-stage counters and the processes' CPU, per cell):\n\n"
            + breakdown(cells)] if breakdown(cells) else []),
         "The limits (our handler in the bench's process, no server, one batch of what the server holds at once, "
-        "every CPU as threads; timed after each round's cells):\n\n" + limits_table(limits),
+        "every CPU as threads; the fastest batch of 3 s, timed after each round's cells):\n\n" + limits_table(limits),
     ]) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
