@@ -26,6 +26,7 @@ import psutil
 import requests
 import yaml
 
+from graviton_serve.archive import archive_workers
 from graviton_serve.server import ServerError
 from graviton_serve.torchserve_config import free_loopback_ports
 
@@ -147,7 +148,16 @@ def haproxy_environment(private_dir: str) -> dict[str, str]:
 def start_node(folder: Path, cpus: float, token_file: Path, head_address: str = "",
                dashboard_port: int | None = None) -> RayNode:
     """A head node (no ``head_address``) or a worker node joining ``head_address``, with ``cpus``
-    CPUs to schedule on; its log and Ray's temp folder in ``folder``. Returns once it has joined."""
+    CPUs to schedule on; its log and Ray's temp folder in ``folder``. Returns once it has joined. One
+    that did not come up starts once more on fresh ports, its first log kept (seen once: the raylet missed Ray's 30 s)."""
+    try:
+        return _start_node_once(folder, cpus, token_file, head_address, dashboard_port)
+    except RayError:
+        (folder / "ray-start.log").replace(folder / "ray-start-1.log")
+        return _start_node_once(folder, cpus, token_file, head_address, dashboard_port)
+
+
+def _start_node_once(folder: Path, cpus: float, token_file: Path, head_address: str, dashboard_port: int | None) -> RayNode:
     folder.mkdir(parents=True, exist_ok=True)
     agent_port, metrics_port, gcs_port, client_port, free_dashboard = free_loopback_ports(5)
     command = [str(RAY), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus:g}",
@@ -202,25 +212,22 @@ def alive_nodes(dashboard_url: str, token_file: Path) -> list[dict]:
 def serve_config(archives: list[Path], port: int, key_file: Path | None, max_request_bytes: int,
                  replicas: int | None = None, cpus_per_replica: float = 1.0, threads: int = 0, host: str = "127.0.0.1",
                  environment: dict[str, str] | None = None) -> dict:
-    """Ray Serve's config file (``serve deploy``'s schema) for the archives: one application per
-    model at ``/predictions/<model>``, plus the front (``/ping``, 404s). A model's replicas stand
-    for TorchServe's workers: ``replicas`` each, or (None) as many as its archive's ``minWorkers``.
-    ``cpus_per_replica`` and ``threads`` (intra-op threads, OMP_NUM_THREADS; 0: Ray's default,
-    its CPUs) are a one-worker model's: an archive of N workers splits them between its N
-    replicas, as its TorchServe workers split the CPUs. ``environment``: the launch settings every
-    replica starts with."""
-    from graviton_serve.archive import archive_workers
+    """Ray Serve's config file (``serve deploy``'s schema): one application per model at
+    ``/predictions/<model>``, plus the front (``/ping``, 404s). A model's replicas are its workers:
+    ``replicas``, or (None) its archive's ``minWorkers``, splitting a one-worker model's
+    ``cpus_per_replica`` and ``threads`` (OMP_NUM_THREADS; 0: Ray's default); ``environment``: the
+    launch settings every replica starts with."""
     applications = [{"name": FRONT_APP, "route_prefix": "/", "import_path": "graviton_serve.ray_front:front_app",
                      "args": {"key_file": str(key_file or "")},
                      "deployments": [{"name": "Front", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}]}]
     for archive in archives:
         name, workers = archive.stem, archive_workers(archive)
-        env_vars = {**(environment or {}), **({"OMP_NUM_THREADS": str(max(1, threads // workers))} if threads else {})}
+        threads_env = {"OMP_NUM_THREADS": str(max(1, threads // workers))} if threads else {}
         applications.append({
             "name": name, "route_prefix": f"/predictions/{name}", "import_path": "graviton_serve.ray_front:model_app",
             "args": {"archive": str(archive), "model_name": name, "key_file": str(key_file or ""),
                      "max_request_bytes": max_request_bytes},
-            "runtime_env": {"env_vars": env_vars},
+            "runtime_env": {"env_vars": {**(environment or {}), **threads_env}},
             "deployments": [{"name": name, "num_replicas": replicas or workers,
                              "ray_actor_options": {"num_cpus": round(cpus_per_replica / workers, 3)}}],
         })

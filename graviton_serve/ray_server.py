@@ -95,18 +95,7 @@ class RayServer:
         token = auth_token_file(self.folder)
         write_key_file(self.key_file)
         progress(f"starting a Ray head node ({cpus} CPUs, token auth on), logs in {self.folder}")
-        for attempt in (1, 2):
-            try:
-                head = start_node(self.folder / "head", cpus, token)
-                break
-            except RayError as error:
-                # Seen once in a full test run on 2 busy cores: the raylet did not register within
-                # Ray's own 30 s ("timed out during startup"); the same start then passed alone.
-                if attempt == 2:
-                    raise
-                failed_log = self.folder / "head" / "ray-start.log"
-                failed_log.rename(failed_log.with_name("ray-start-1.log"))  # the next try writes its own
-                progress(f"{error} (kept as ray-start-1.log); starting the head node once more, on fresh ports")
+        head = start_node(self.folder / "head", cpus, token)
         process = psutil.Process(head.process.pid)
         self.state_file.write_text(json.dumps({"pid": head.process.pid, "create_time": process.create_time(),
                                                "children": process_times(head.children), "dashboard": head.dashboard_url,

@@ -125,11 +125,9 @@ def stages_between(before: dict[str, float] | None, after: dict[str, float] | No
     batches = grown.get(BATCHES_METRIC, 0.0)
     if batches <= 0:
         return None
-    per_batch_ms = {stage: 1000 * grown.get(f"{STAGE_SECONDS_METRIC}:{stage}", 0.0) / batches
-                    for stage in ("decode", "forward", "encode")}
-    busy = sum(per_batch_ms.values()) * batches / 1000
-    return Stages(int(batches), grown.get(BATCH_ITEMS_METRIC, 0.0) / batches, per_batch_ms["decode"],
-                  per_batch_ms["forward"], per_batch_ms["encode"], busy / max(1e-9, workers * seconds))
+    spent = [grown.get(f"{STAGE_SECONDS_METRIC}:{stage}", 0.0) for stage in ("decode", "forward", "encode")]
+    return Stages(int(batches), grown.get(BATCH_ITEMS_METRIC, 0.0) / batches, *(1000 * s / batches for s in spent),
+                  sum(spent) / max(1e-9, workers * seconds))
 
 
 def settle(server, model: str, timeout: float = 300.0) -> None:

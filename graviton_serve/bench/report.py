@@ -169,6 +169,7 @@ def chart(cells: list[LoadRun], limits: list[Limit], path: Path) -> None:
 
 def report(cells: list[LoadRun], limits: list[Limit], out: Path) -> str:
     rounds = max((c.round for c in cells), default=0)
+    stages_table = breakdown(cells)
     text = "\n\n".join([
         f"Machine: {machine_line()}",
         f"Ours against stock and the limits, REST from wrk; median of {rounds} rounds (min–max):\n\n" + summary(cells, limits),
@@ -176,7 +177,7 @@ def report(cells: list[LoadRun], limits: list[Limit], out: Path) -> str:
            + ray_summary(cells, limits)] if ray_summary(cells, limits) else []),
         "Every load run:\n\n" + CELL_HEADER + "\n" + "\n".join(load_run_row(cell) for cell in cells),
         *([f"Where ours spent its time (our handlers' per-stage counters and the processes' CPU, per cell):\n\n"
-           + breakdown(cells)] if breakdown(cells) else []),
+           + stages_table] if stages_table else []),
         "The limits (our handler in the bench's process, no server, one batch of what the server holds at once, "
         "every CPU as threads; the fastest batch of 3 s, timed after each round's cells):\n\n" + limits_table(limits),
     ]) + "\n"
