@@ -183,12 +183,20 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-limit", action="store_true", help="skip the limits")
     parser.add_argument("--no-ray", action="store_true", help="skip ours on Ray Serve (path 'ray')")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="where results.md, .json and the chart go")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("FIRST", "SECOND"),
+                        help="no run: print how every ratio moved between two runs' results.json")
 
 
 def bench(args: argparse.Namespace) -> None:
     from graviton_serve.bench.run import benchmark
     from graviton_serve.bench.workloads import workloads
 
+    if args.compare:
+        from graviton_serve.bench.report import compare
+
+        first, second = (json.loads(path.read_text()) for path in args.compare)
+        print(compare(first, second))
+        return
     if args.quick:
         args.seconds, args.rounds, args.grpc_requests = 4, 1, 12
     benchmark(workloads(args.workloads), args.concurrency, args.grpc_concurrency, args.grpc_requests, args.seconds,

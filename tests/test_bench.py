@@ -7,7 +7,7 @@ import json
 import pytest
 
 from graviton_serve.bench.load import parse_stage_counters, stages_between
-from graviton_serve.bench.report import ratios, summary
+from graviton_serve.bench.report import compare, ratios, summary
 from graviton_serve.bench.results import Limit, LoadRun, Workload
 from graviton_serve.bench.run import benchmark
 from tests.conftest import TESTS
@@ -41,6 +41,14 @@ def test_ratios_are_per_round_then_median_with_min_max():
 def test_a_cell_with_errors_takes_no_part_in_a_ratio():
     found = ratios([cell("ours", 8.0, 1), cell("stock", 50.0, 1, errors=3)], [])["resnet50"]
     assert found["ours/stock"] == [] and found["stock"] == []
+
+
+def test_two_runs_compare_by_each_runs_median_and_flag_what_moved_beyond_15_percent():
+    first = {"ratios": {"bert_sentiment": {"ours": [200.0, 240.0, 220.0], "stock": [6.0, 8.0, 7.0], "ray/ours": []}}}
+    second = {"ratios": {"bert_sentiment": {"ours": [230.0, 231.0, 250.0], "stock": [9.0, 10.0, 6.0]}}}
+    rows = [line.split(" | ") for line in compare(first, second).splitlines()[2:]]
+    assert [row[1:] for row in rows] == [["ours", "220.00", "231.00", "+5%", "yes |"],
+                                         ["stock", "7.00", "9.00", "+29%", "NO |"]]  # ray/ours: in one run only
 
 
 def test_stage_counters_are_summed_per_stage_whatever_the_label_order():
