@@ -184,7 +184,8 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ray", action="store_true", help="skip ours on Ray Serve (path 'ray')")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="where results.md, .json and the chart go")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("FIRST", "SECOND"),
-                        help="no run: print how every ratio moved between two runs' results.json")
+                        help="no run: print how each figure's median (req/s, ms, ratios) moved between two runs' results.json, "
+                             "flagging what moved beyond ±15%%")
 
 
 def bench(args: argparse.Namespace) -> None:

@@ -47,8 +47,8 @@ def test_two_runs_compare_by_each_runs_median_and_flag_what_moved_beyond_15_perc
     first = {"ratios": {"bert_sentiment": {"ours": [200.0, 240.0, 220.0], "stock": [6.0, 8.0, 7.0], "ray/ours": []}}}
     second = {"ratios": {"bert_sentiment": {"ours": [230.0, 231.0, 250.0], "stock": [9.0, 10.0, 6.0]}}}
     rows = [line.split(" | ") for line in compare(first, second).splitlines()[2:]]
-    assert [row[1:] for row in rows] == [["ours", "220.00", "231.00", "+5%", "yes |"],
-                                         ["stock", "7.00", "9.00", "+29%", "NO |"]]  # ray/ours: in one run only
+    assert [row[1:] for row in rows] == [["ours", "220.00", "231.00", "+5.0%", "yes |"],
+                                         ["stock", "7.00", "9.00", "+28.6%", "NO |"]]  # ray/ours: in one run only
 
 
 def test_stage_counters_are_summed_per_stage_whatever_the_label_order():

@@ -194,13 +194,14 @@ def report(cells: list[LoadRun], limits: list[Limit], out: Path) -> str:
 
 
 AGREEMENT = 0.15  # issue 28: two full runs on one commit agree within this on every ratio
-COMPARED = ("ours", "stock", "ours/stock", "ours/forward", "ours/serving", "serving limit", "c1 p50 ours/stock",
-            "ray/ours", "ray/stock")
+COMPARED = ("ours", "stock", "ray", "serving limit", "ours/stock", "ours/forward", "ours/serving", "ray/ours",
+            "ray/stock", "ours c1 p50", "stock c1 p50", "ray c1 p50", "c1 p50 ours/stock")
 
 
 def compare(first: dict, second: dict) -> str:
-    """Two runs' results.json side by side: per workload and figure, each run's median of its rounds
-    and how far the second moved from the first (``second / first - 1``), flagged beyond AGREEMENT."""
+    """Two runs' results.json side by side: per workload and figure (req/s, items/s, ms, and the ratios,
+    each a median of per-round ratios as in the summary), each run's median of its rounds and how far
+    the second moved from the first (``second / first - 1``), flagged beyond AGREEMENT."""
     lines = ["| workload | figure | first run | second run | second/first − 1 | within ±15% |", "|---|---|---|---|---|---|"]
     for workload, figures in first["ratios"].items():
         other = second["ratios"].get(workload, {})
@@ -208,6 +209,6 @@ def compare(first: dict, second: dict) -> str:
             if figures.get(name) and other.get(name):
                 a, b = statistics.median(figures[name]), statistics.median(other[name])
                 moved = b / a - 1
-                lines.append(f"| {workload} | {name} | {a:.2f} | {b:.2f} | {moved:+.0%} | "
+                lines.append(f"| {workload} | {name} | {a:.2f} | {b:.2f} | {moved:+.1%} | "
                              f"{'yes' if abs(moved) <= AGREEMENT else 'NO'} |")
     return "\n".join(lines)
