@@ -1,8 +1,8 @@
 """A Ray cluster's nodes started and stopped by their own process ids, and the Serve config that
 serves a model store on it (``graviton_serve.ray_front``).
 
-Each node is one ``ray start --block`` in its own session, with its own CPU budget and its own
-ports, so several nodes (a head and workers) can share one machine as they would share a network.
+Each node is one ``ray start --block`` in its own session, with its own CPU budget and ports, so
+several nodes (a head and workers) can share one machine as they would share a network.
 Token authentication is on (``RAY_AUTH_MODE=token``: Ray's control plane, dashboard and jobs API
 refuse callers without the cluster's token; Ray leaves it off by default). Stopping a node sends
 SIGTERM to its session (Ray drains the node for up to 30 s), then SIGKILL to what is left.
@@ -37,8 +37,7 @@ STOP_GRACE_S = 40  # Ray drains a node for up to 30 s on SIGTERM
 FRONT_APP = "front"
 
 
-class RayError(ServerError):
-    pass
+class RayError(ServerError): ...
 
 
 @dataclass
@@ -77,24 +76,25 @@ class RayNode:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def kill(self) -> None:
-        """The node dies at once, as a lost machine would: SIGKILL to all its processes."""
+        """The node dies at once, as a lost machine would: SIGKILL to all its processes; returns once
+        they are gone (a replica holding GBs takes a moment to exit: a stop left one running)."""
         self.remember_children()
         signal_group(self.process.pid, signal.SIGKILL)
+        doomed = []
         for pid in self.children:
             try:
-                psutil.Process(pid).kill()
+                doomed.append(psutil.Process(pid))
+                doomed[-1].kill()
             except psutil.NoSuchProcess:
                 pass
+        psutil.wait_procs(doomed, timeout=10)
         self.process.wait(10)
 
 
 def processes_naming(folder: str) -> set[int]:
     """Processes whose command line names ``folder`` (a temp dir unique to one cluster)."""
-    found = set()
-    for process in psutil.process_iter(["cmdline"]):
-        if any(folder in part for part in process.info["cmdline"] or ()):
-            found.add(process.pid)
-    return found - {os.getpid()}
+    return {process.pid for process in psutil.process_iter(["cmdline"])
+            if any(folder in part for part in process.info["cmdline"] or ())} - {os.getpid()}
 
 
 def signal_group(pid: int, sig: int) -> None:
@@ -177,8 +177,8 @@ def _start_node_once(folder: Path, cpus: float, token_file: Path, head_address: 
         os.mkdir(Path(temp_dir) / "p", 0o700)
         extra = haproxy_environment(str(Path(temp_dir) / "p"))  # the head runs the ingress (HeadOnly)
         command += ["--head", f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
-        command.append(f"--temp-dir={temp_dir}/ray")
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                    f"--temp-dir={temp_dir}/ray"]
     log_file = folder / "ray-start.log"
     with log_file.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
