@@ -188,16 +188,20 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "flagging what moved beyond ±15%%")
 
 
-def bench(args: argparse.Namespace) -> None:
+def bench(args: argparse.Namespace) -> int | None:
     from graviton_serve.bench.run import benchmark
     from graviton_serve.bench.workloads import workloads
 
     if args.compare:
-        from graviton_serve.bench.report import compare
+        from graviton_serve.bench.report import compare, read_results
 
-        first, second = (json.loads(path.read_text()) for path in args.compare)
+        try:
+            first, second = (read_results(path) for path in args.compare)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         print(compare(first, second))
-        return
+        return 0
     if args.quick:
         args.seconds, args.rounds, args.grpc_requests = 4, 1, 12
     benchmark(workloads(args.workloads), args.concurrency, args.grpc_concurrency, args.grpc_requests, args.seconds,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from graviton_serve.bench.load import parse_stage_counters, stages_between
-from graviton_serve.bench.report import compare, ratios, summary
+from graviton_serve.bench.report import compare, ratios, read_results, summary
 from graviton_serve.bench.results import Limit, LoadRun, Workload
 from graviton_serve.bench.run import benchmark
 from tests.conftest import TESTS
@@ -49,6 +49,19 @@ def test_two_runs_compare_by_each_runs_median_and_flag_what_moved_beyond_15_perc
     rows = [line.split(" | ") for line in compare(first, second).splitlines()[2:]]
     assert [row[1:] for row in rows] == [["ours", "220.00", "231.00", "+5.0%", "yes |"],
                                          ["stock", "7.00", "9.00", "+28.6%", "NO |"]]  # ray/ours: in one run only
+
+
+def test_compare_says_when_the_runs_were_made_differently_and_names_a_file_that_is_no_results(tmp_path):
+    cell = {"protocol": "REST", "round": 1, "seconds": 15.03}
+    full = {"ratios": {}, "cells": [cell, {**cell, "round": 3}]}
+    quick = {"ratios": {}, "cells": [{**cell, "seconds": 4.01}]}
+    assert compare(full, quick).startswith("Note: the runs were made differently (first: 3 rounds of 15 s cells; "
+                                           "second: 1 round of 4 s cells)")
+    assert not compare(full, full).startswith("Note")
+    (tmp_path / "notes.md").write_text("# not json")
+    for path in (tmp_path / "notes.md", tmp_path / "missing.json"):
+        with pytest.raises(ValueError, match=f"{path}: not a bench results.json"):
+            read_results(path)
 
 
 def test_stage_counters_are_summed_per_stage_whatever_the_label_order():

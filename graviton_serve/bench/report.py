@@ -170,10 +170,11 @@ def chart(cells: list[LoadRun], limits: list[Limit], path: Path) -> None:
 def report(cells: list[LoadRun], limits: list[Limit], out: Path) -> str:
     rounds = max((c.round for c in cells), default=0)
     stages_table = breakdown(cells)
+    of_rounds = f"median of {rounds} rounds (min–max)" if rounds > 1 else "one round"
     text = "\n\n".join([
         f"Machine: {machine_line()}",
-        f"Ours against stock and the limits, REST from wrk; median of {rounds} rounds (min–max):\n\n" + summary(cells, limits),
-        *([f"Ours on Ray Serve (path ray) against ours on TorchServe and stock, median of {rounds} rounds:\n\n"
+        f"Ours against stock and the limits, REST from wrk; {of_rounds}:\n\n" + summary(cells, limits),
+        *([f"Ours on Ray Serve (path ray) against ours on TorchServe and stock, {of_rounds}:\n\n"
            + ray_summary(cells, limits)] if ray_summary(cells, limits) else []),
         "Every load run:\n\n" + CELL_HEADER + "\n" + "\n".join(load_run_row(cell) for cell in cells),
         *([f"Where ours spent its time (our handlers' per-stage counters and the processes' CPU, per cell):\n\n"
@@ -198,11 +199,34 @@ COMPARED = ("ours", "stock", "ray", "serving limit", "ours/stock", "ours/forward
             "ray/stock", "ours c1 p50", "stock c1 p50", "ray c1 p50", "c1 p50 ours/stock")
 
 
+def read_results(path: Path) -> dict:
+    """A run's results.json; ValueError naming the file when it is missing or not one."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path}: not a bench results.json ({error})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("ratios"), dict):
+        raise ValueError(f"{path}: not a bench results.json (no \"ratios\"; scripts/bench writes one beside results.md)")
+    return results
+
+
+def _made(results: dict) -> str:
+    """How a run was made: its rounds and REST cell length."""
+    cells = [cell for cell in results.get("cells", []) if cell.get("protocol") == "REST"]
+    if not cells:
+        return "no cells"
+    rounds = max(cell["round"] for cell in cells)
+    return f"{rounds} round{'s' if rounds != 1 else ''} of {statistics.median(c['seconds'] for c in cells):.0f} s cells"
+
+
 def compare(first: dict, second: dict) -> str:
     """Two runs' results.json side by side: per workload and figure (req/s, items/s, ms, and the ratios,
     each a median of per-round ratios as in the summary), each run's median of its rounds and how far
     the second moved from the first (``second / first - 1``), flagged beyond AGREEMENT."""
     lines = ["| workload | figure | first run | second run | second/first − 1 | within ±15% |", "|---|---|---|---|---|---|"]
+    if _made(first) != _made(second):  # a --quick run against a full one differs by design
+        lines.insert(0, f"Note: the runs were made differently (first: {_made(first)}; second: {_made(second)}); "
+                        "compare runs made alike.\n")
     for workload, figures in first["ratios"].items():
         other = second["ratios"].get(workload, {})
         for name in COMPARED:
