@@ -223,6 +223,7 @@ def running(label: str, archives: list[Path], config: Path) -> Iterator[TorchSer
         try:
             yield server
         finally:
+            say(f"bench: stopping TorchServe ({label})")
             server.stop()
 
 
@@ -247,6 +248,7 @@ def running_on_ray(archives: list[Path], config: Path) -> Iterator["RayServer"]:
         try:
             yield server
         finally:
+            say("bench: stopping Ray Serve (ours)")
             server.stop()
 
 
