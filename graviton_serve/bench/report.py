@@ -223,10 +223,11 @@ def compare(first: dict, second: dict) -> str:
     """Two runs' results.json side by side: per workload and figure (req/s, items/s, ms, and the ratios,
     each a median of per-round ratios as in the summary), each run's median of its rounds and how far
     the second moved from the first (``second / first - 1``), flagged beyond AGREEMENT."""
-    lines = ["| workload | figure | first run | second run | second/first − 1 | within ±15% |", "|---|---|---|---|---|---|"]
-    if _made(first) != _made(second):  # a --quick run against a full one differs by design
-        lines.insert(0, f"Note: the runs were made differently (first: {_made(first)}; second: {_made(second)}); "
-                        "compare runs made alike.\n")
+    lines = [f"| workload | figure | first run | second run | second/first − 1 | within ±{AGREEMENT:.0%} |",
+             "|---|---|---|---|---|---|"]
+    made = _made(first), _made(second)
+    if made[0] != made[1]:  # a --quick run against a full one differs by design
+        lines.insert(0, f"Note: the runs were made differently (first: {made[0]}; second: {made[1]}); compare runs made alike.\n")
     for workload, figures in first["ratios"].items():
         other = second["ratios"].get(workload, {})
         for name in COMPARED:
