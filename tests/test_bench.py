@@ -58,6 +58,12 @@ def test_compare_says_when_the_runs_were_made_differently_and_names_a_file_that_
     assert compare(full, quick).startswith("Note: the runs were made differently (first: 3 rounds of 15 s cells; "
                                            "second: 1 round of 4 s cells)")
     assert not compare(full, full).startswith("Note")
+    limit = {"workload": "mnist", "kind": "serving", "batch": 8, "items_per_s": 1200.0, "batch_ms": 6.7}
+    fastest_limits = {**full, "limits": [limit]}  # written before the limit became the median batch
+    median_limits = {**full, "limits": [{**limit, "fastest_batch_ms": 4.6}]}
+    assert compare(fastest_limits, median_limits).startswith(
+        "Note: the runs were made differently (first: 3 rounds of 15 s cells, limits the fastest batch; "
+        "second: 3 rounds of 15 s cells, limits the median batch)")
     (tmp_path / "notes.md").write_text("# not json")
     for path in (tmp_path / "notes.md", tmp_path / "missing.json"):
         with pytest.raises(ValueError, match=f"{path}: not a bench results.json"):
@@ -96,8 +102,10 @@ def test_a_small_run_through_a_real_torchserve_with_wrk(mnist_mar, tmp_path):
     assert grpc[12] == "3"
     assert 0 < float(rest[15].rstrip(" |")) < 1.5  # wrk's own CPU share, measured
     # the limits, timed after the round in the precision our server chose, on a batch of what it holds at once
-    (served,) = [line.split(" | ")[5] for line in text.splitlines() if line.startswith("| mnist | serving | 1 | 8 | ")]
-    assert "| mnist | forward (fp32) | 1 | 8 | " in text and served in ("fp32", "bf16", "fp16", "int8")
+    (serving,) = [line.split(" | ") for line in text.splitlines() if line.startswith("| mnist | serving | 1 | 8 | ")]
+    assert "| mnist | forward (fp32) | 1 | 8 | " in text and serving[5] in ("fp32", "bf16", "fp16", "int8")
+    # the limit is the median batch (as the cell is an average); the fastest is shown beside it
+    assert float(serving[6]) >= float(serving[8]) > 0 and float(serving[7]) <= float(serving[9].rstrip(" |"))
     # where the time went: our per-stage counters over the REST cell, and the frontend's CPU
     (stages,) = [line.split(" | ") for line in text.splitlines() if line.startswith("| mnist | 2 | 1 | ")]
     assert 1 <= float(stages[5]) <= 4 and float(stages[7]) > 0 and float(stages[11].rstrip(" |")) > 0

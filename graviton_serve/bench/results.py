@@ -65,5 +65,6 @@ class Limit:
     threads: int
     precision: str
     items_per_s: float
-    batch_ms: float
+    batch_ms: float  # the median batch; items_per_s is batch / batch_ms
     round: int = 1  # measured in this round, right after its cells
+    fastest_batch_ms: float | None = None  # the fastest of the same batches, for reference (the limit itself from 124721c to 4bcda4f)
