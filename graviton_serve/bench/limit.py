@@ -31,10 +31,10 @@ FORWARD, SERVING = "forward (fp32)", "serving"
 def _batch_seconds(run: Callable[[], object], min_seconds: float) -> tuple[float, float]:
     """The median and the fastest of the batches run over ``min_seconds`` (at least 3). The limit is
     the median, as the served cell is an average over its whole length: the fastest batch is a
-    moment of a shared machine that nothing sustains (MNIST's batch of 8: 1,600-1,850 items/s at
-    the fastest, 1,140-1,250 at the median, in the same 3 s on a Zen 4). The fastest was the limit
-    while an idle Ray node ran beside the limits (it moved their median by up to 47%); Ray now runs
-    in a phase of its own."""
+    moment of a shared machine that nothing sustains (MNIST's batch of 8 in one process on a Zen 4,
+    2026-12-07: 1,600-1,850 items/s at the fastest, 1,140-1,250 at the median, in the same 3 s).
+    The fastest was the limit while an idle Ray node ran beside the limits (it moved their median
+    by up to 47%); Ray now runs in a phase of its own."""
     for _ in range(2):
         run()
     times = []
