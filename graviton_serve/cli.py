@@ -200,6 +200,7 @@ def bench(args: argparse.Namespace) -> int | None:
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+        print(f"first run: {args.compare[0]}; second run: {args.compare[1]}\n")
         print(compare(first, second))
         return 0
     if args.quick:

@@ -49,6 +49,8 @@ def test_two_runs_compare_by_each_runs_median_and_flag_what_moved_beyond_15_perc
     rows = [line.split(" | ") for line in compare(first, second).splitlines()[2:]]
     assert [row[1:] for row in rows] == [["ours", "220.00", "231.00", "+5.0%", "yes |"],
                                          ["stock", "7.00", "9.00", "+28.6%", "NO |"]]  # ray/ours: in one run only
+    second["ratios"]["mnist"] = {"ours": [900.0]}  # a workload of one run only is named, not compared
+    assert compare(first, second).endswith("\nOnly in the second run, not compared: mnist.")
 
 
 def test_compare_says_when_the_runs_were_made_differently_and_names_a_file_that_is_no_results(tmp_path):
@@ -65,9 +67,10 @@ def test_compare_says_when_the_runs_were_made_differently_and_names_a_file_that_
         "Note: the runs were made differently (first: 3 rounds of 15 s cells, limits the fastest batch; "
         "second: 3 rounds of 15 s cells, limits the median batch)")
     (tmp_path / "notes.md").write_text("# not json")
-    for path in (tmp_path / "notes.md", tmp_path / "missing.json"):
-        with pytest.raises(ValueError, match=f"{path}: not a bench results.json"):
-            read_results(path)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'notes.md'}: not a bench results.json"):
+        read_results(tmp_path / "notes.md")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'missing.json'}: cannot be read \\(No such file or directory\\)"):
+        read_results(tmp_path / "missing.json")
 
 
 def test_stage_counters_are_summed_per_stage_whatever_the_label_order():

@@ -176,7 +176,7 @@ def report(cells: list[LoadRun], limits: list[Limit], out: Path) -> str:
     of_rounds = f"median of {rounds} rounds (min–max)" if rounds > 1 else "one round"
     text = "\n\n".join([
         f"Machine: {machine_line()}",
-        f"Ours against stock and the limits, REST from wrk; {of_rounds}:\n\n" + summary(cells, limits),
+        f"Ours against stock and the limits (each the median batch of 3 s, below), REST from wrk; {of_rounds}:\n\n" + summary(cells, limits),
         *([f"Ours on Ray Serve (path ray) against ours on TorchServe and stock, {of_rounds}:\n\n"
            + ray_summary(cells, limits)] if ray_summary(cells, limits) else []),
         "Every load run:\n\n" + CELL_HEADER + "\n" + "\n".join(load_run_row(cell) for cell in cells),
@@ -205,8 +205,12 @@ COMPARED = ("ours", "stock", "ray", "serving limit", "ours/stock", "ours/forward
 def read_results(path: Path) -> dict:
     """A run's results.json; ValueError naming the file when it is missing or not one."""
     try:
-        results = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot be read ({error.strerror})") from None
+    try:
+        results = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as error:
         raise ValueError(f"{path}: not a bench results.json ({error})") from None
     if not isinstance(results, dict) or not isinstance(results.get("ratios"), dict):
         raise ValueError(f"{path}: not a bench results.json (no \"ratios\"; scripts/bench writes one beside results.md)")
@@ -243,4 +247,8 @@ def compare(first: dict, second: dict) -> str:
                 moved = b / a - 1
                 lines.append(f"| {workload} | {name} | {a:.2f} | {b:.2f} | {moved:+.1%} | "
                              f"{'yes' if abs(moved) <= AGREEMENT else 'NO'} |")
+    for run, mine, other in (("first", first, second), ("second", second, first)):
+        alone = [workload for workload in mine["ratios"] if workload not in other["ratios"]]
+        if alone:  # a run of some workloads against a run of all
+            lines.append(f"\nOnly in the {run} run, not compared: {', '.join(alone)}.")
     return "\n".join(lines)
