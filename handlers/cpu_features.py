@@ -5,7 +5,8 @@ the launch path reads this too, before any worker starts.
 the features the precision choice reads, and, for a process that starts with it set, the
 kernel limits (``kernel_limits``) that make torch's libraries run that CPU's code paths (each
 checked with its library's verbose log or timing on a Xeon with AMX: oneDNN's ISA, MKL's, ATen's
-capability, fbgemm's). It can only lower what the host has: kernels never exceed the hardware.
+capability, fbgemm's). It can only lower what the host has: kernels never exceed the hardware
+(acting as a wider CPU changes the decisions only; the kernels stay the host's).
 ``scripts/test`` runs the CPU-sensitive tests a second and third time this way.
 """
 
@@ -95,24 +96,49 @@ class CpuFeatures:
 
     @classmethod
     def from_cpuinfo(cls, machine: str, cpuinfo: str) -> "CpuFeatures":
-        flags: set[str] = set()
-        model = "unknown model"
-        for line in cpuinfo.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown model":
-                model = " ".join(value.split())
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+        flags = cpuinfo_flags(cpuinfo)
+        model = cpuinfo_field(cpuinfo, "model name") or "unknown model"
         found = [flag for flag in X86_BF16_FLAGS if flag in flags]
         kernel_flags = " ".join(flag for flag in X86_KERNEL_FLAGS if flag in flags) or "none of the kernel flags"
         return cls(machine, bool(found), f"cpuinfo flags: {', '.join(found) or 'no avx512_bf16/amx_bf16'}",
                    f"{machine} {model} ({kernel_flags})")
 
 
-def kernel_limits(name: str) -> dict[str, str]:
-    """The environment that makes a new process act as ``AS_CPU[name]``: GS_CPU_AS and the kernel caps."""
+ATEN_VAR = "ATEN_CPU_CAPABILITY"
+# The cpuinfo flags ATen requires of each capability (at::cpu::is_cpu_support_avx512, DispatchStub).
+ATEN_CAPABILITY_FLAGS = {"avx2": ("avx2", "fma"), "avx512": ("avx512f", "avx512vl", "avx512bw", "avx512dq", "fma")}
+
+
+def cpuinfo_field(cpuinfo: str, name: str) -> str:
+    """The first processor's ``name`` line of /proc/cpuinfo text ("" without one)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return " ".join(value.split())
+    return ""
+
+
+def cpuinfo_flags(cpuinfo: str) -> set[str]:
+    return set(cpuinfo_field(cpuinfo, "flags").split())
+
+
+def kernel_limits(name: str, host_flags: set[str] | None = None) -> dict[str, str]:
+    """The environment that makes a new process act as ``AS_CPU[name]``: GS_CPU_AS and the kernel
+    caps. ``host_flags``: this machine's cpuinfo flags (default: read now). oneDNN's, MKL's and
+    fbgemm's variables are maxima, but ATen takes ATEN_CPU_CAPABILITY without asking the hardware
+    (avx512 on an AVX2 EPYC: SIGILL in the first softmax), so it is left out where the host lacks
+    what that capability's kernels use (``aten_capability_missing``): ATen then picks the host's best."""
     CpuFeatures("x86_64", False, "").acting_as(name)  # validates the name
-    return {CPU_AS_VAR: name, **AS_CPU[name].kernel_limits}
+    limits = {CPU_AS_VAR: name, **AS_CPU[name].kernel_limits}
+    host = cpuinfo_flags(read_text("/proc/cpuinfo")) if host_flags is None else host_flags
+    if aten_capability_missing(limits.get(ATEN_VAR, ""), host):
+        del limits[ATEN_VAR]
+    return limits
+
+
+def aten_capability_missing(capability: str, host_flags: set[str]) -> list[str]:
+    """The flags ``host_flags`` lacks for ATen's ``capability`` ("avx2", "avx512"; others: none)."""
+    return [flag for flag in ATEN_CAPABILITY_FLAGS.get(capability, ()) if flag not in host_flags]
 
 
 def read_text(path: str) -> str:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from handlers.settings import CORE_SETTINGS, read_settings
-from handlers.cpu_features import AS_CPU, CPU_AS_VAR, HWCAP2_BF16, CpuFeatures, kernel_limits
+from handlers.cpu_features import (AS_CPU, CPU_AS_VAR, HWCAP2_BF16, CpuFeatures, aten_capability_missing,
+                                   cpuinfo_flags, kernel_limits)
 from handlers.launch import launch_environment
 from handlers import precision_modes
 from handlers.launch import launch_env_report
@@ -51,8 +52,28 @@ def test_acting_as_another_cpu_replaces_the_features_the_decisions_read():
     with pytest.raises(ValueError, match="GS_CPU_AS='zen9' is not a CPU to act as; expected one of avx2, "):
         host.acting_as("zen9")
     assert CpuFeatures.detect({CPU_AS_VAR: "avx2"}).evidence.startswith("GS_CPU_AS=avx2")
-    assert kernel_limits("avx2") == {"GS_CPU_AS": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                                     "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert kernel_limits("avx2", ZEN4_FLAGS) == {"GS_CPU_AS": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                                 "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+ZEN4_FLAGS = {"avx2", "fma", "avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512_vnni", "avx512_bf16"}
+ZEN3_FLAGS = {"sse4_2", "avx", "avx2", "fma"}
+
+
+def test_acting_as_a_wider_cpu_never_sets_atens_capability_above_the_host():
+    """ATen runs ATEN_CPU_CAPABILITY's kernels without asking the hardware: acting as a Zen 4 on an
+    AVX2 EPYC crashed every worker with SIGILL. There the decisions act as the Zen 4, ATen picks
+    the host's own kernels, and oneDNN's and MKL's caps (maxima by their design) stay."""
+    on_zen4 = kernel_limits("avx512_bf16", ZEN4_FLAGS)
+    on_zen3 = kernel_limits("avx512_bf16", ZEN3_FLAGS)
+    assert on_zen4["ATEN_CPU_CAPABILITY"] == "avx512"
+    assert "ATEN_CPU_CAPABILITY" not in on_zen3
+    assert on_zen3 == {key: value for key, value in on_zen4.items() if key != "ATEN_CPU_CAPABILITY"}
+    assert on_zen3["GS_CPU_AS"] == "avx512_bf16" and on_zen3["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE_BF16"
+    assert "ATEN_CPU_CAPABILITY" not in kernel_limits("avx2", {"sse4_2", "avx"})  # a CPU older than AVX2
+    assert kernel_limits("avx2", ZEN3_FLAGS)["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert aten_capability_missing("avx512", ZEN3_FLAGS) == ["avx512f", "avx512vl", "avx512bw", "avx512dq"]
+    assert cpuinfo_flags(ZEN4) == {"fpu", "sse", "avx2", "avx512f", "avx512_bf16", "avx512_vnni"}
 
 
 KERNELS_PROBE = """

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from handlers.cpu_features import AS_CPU, kernel_limits
+from handlers.cpu_features import AS_CPU, ATEN_VAR, kernel_limits
 
 
 def main(argv: list[str]) -> None:
@@ -18,6 +18,9 @@ def main(argv: list[str]) -> None:
     name, arguments = argv[0], argv[1:]
     limits = kernel_limits(name)
     print(f"[as {name}] {AS_CPU[name].description}: {' '.join(f'{k}={v}' for k, v in limits.items())}", flush=True)
+    if ATEN_VAR in AS_CPU[name].kernel_limits and ATEN_VAR not in limits:
+        print(f"[as {name}] {ATEN_VAR} left unset: this host lacks that capability's flags, and ATen would run "
+              "them unchecked; ATen runs the host's best kernels", flush=True)
     os.execve(sys.executable, [sys.executable, "-m", "pytest", *arguments], {**os.environ, **limits})
 
 
