@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import astuple
 from pathlib import Path
 
 import psutil
@@ -180,7 +181,10 @@ class TorchServe:
 
     def front_listeners(self) -> list[Listener]:
         """Each REST API's configured address (the front's) and a free loopback port for TorchServe."""
-        upstream = free_loopback_ports(len(APIS), exclude={port for _, port in self.rest_addresses.values()})
+        # Every configured port, the gRPC ones included: none is bound yet, so a port picked free
+        # can be one of them (seen: TorchServe's upstream inference port = its gRPC management port).
+        configured = {port for _, port in self.rest_addresses.values()} | set(astuple(self.ports))
+        upstream = free_loopback_ports(len(APIS), exclude=configured)
         return [Listener(api, *self.rest_addresses[api], inner) for api, inner in zip(APIS, upstream)]
 
     def expected_models(self) -> list[str]:

@@ -208,3 +208,21 @@ def test_a_stop_from_another_process_stops_the_front_too(server):
     assert not [process.pid for process in front if process.is_running() and process.status() != psutil.STATUS_ZOMBIE]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.ports.inference), timeout=2).close()
+
+
+def test_torchserves_upstream_ports_avoid_every_configured_port_the_grpc_ones_included(tmp_path, monkeypatch):
+    """None of the configured ports is bound when TorchServe's REST listeners behind the front are
+    picked, so a free pick could equal one: a container test's TorchServe once got its gRPC
+    management port as its upstream inference port and exited with 'Address already in use'."""
+    import graviton_serve.server as server_module
+    from graviton_serve.server import TorchServe
+    from graviton_serve.torchserve_config import Ports, free_loopback_ports
+
+    ports = Ports(*free_loopback_ports(5))
+    server = TorchServe(tmp_path / "run", tmp_path, ROOT / "config.properties", ports=ports)
+    excluded = []
+    monkeypatch.setattr(server_module, "free_loopback_ports",
+                        lambda count, exclude: excluded.append(set(exclude)) or free_loopback_ports(count, exclude))
+    listeners = server.front_listeners()
+    assert excluded == [set(ports.__dict__.values())]
+    assert not {listener.upstream_port for listener in listeners} & set(ports.__dict__.values())
